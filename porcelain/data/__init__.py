@@ -1,0 +1,1 @@
+"""Datasets: manifests, image decoding, validation and the built-in sample."""
