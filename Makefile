@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m porcelain.cli demo
+	$(PY) -m flows.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -90,6 +90,7 @@ class ClassifierConfig(_Model):
     use_sampler: bool = True
     class_weighted_loss: bool = True
     augment: bool = True
+    save_weights: bool = Field(False, description="Also store each trained classifier (safetensors).")
 
 
 class SweepConfig(_Model):
@@ -128,6 +129,7 @@ class RuntimeConfig(_Model):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(1, description="Tasks run at once (1 suits a 2-core CPU).")
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 2.0
 

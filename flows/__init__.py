@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only. CLI → flow → task → porcelain function."""

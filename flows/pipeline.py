@@ -1,0 +1,68 @@
+"""The main flow: ingest → closed-set generator → targeted generation → ratio sweep → report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from porcelain.config import SAMPLE, RunConfig, config_from_dict
+from porcelain.generate.targeting import shards_for
+from tasks import stages
+
+
+@flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
+def pipeline(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the whole pipeline for one run config (a dict of :class:`~porcelain.config.RunConfig`)."""
+    cfg: RunConfig = config_from_dict(config)
+    log = get_run_logger()
+    st, rt = cfg.storage, cfg.runtime
+
+    if cfg.data.manifest == SAMPLE:
+        src = stages.sample_data(cfg.data.sample, st)
+        manifest, root = src["manifest"], src["root"]
+    else:
+        manifest, root = cfg.data.manifest, cfg.data.root
+    data = stages.ingest(manifest, root, cfg.data, st)
+    if data["n_quarantined"]:
+        log.warning("set aside %d rows in quarantine (%s): see %s", data["n_quarantined"],
+                    data["quarantine_reasons"], data["quarantine_key"])
+
+    sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size})
+    packs = [stages.pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
+             for s in sizes for i in range(data["n_shards"])]
+    wait(packs)
+    for p in packs:
+        p.result()
+
+    plan = stages.plan(data, cfg.sweep, cfg.generation, st)
+    gen, shards, failed = None, [], []
+    if plan["shards"]:
+        gen = stages.train_generator(data, cfg.generator, st, rt)
+        futures = [stages.generate.submit(gen, spec, cfg.generation, st, rt) for spec in plan["shards"]]
+        wait(futures)
+        for spec, fut in zip(plan["shards"], futures):
+            if fut.state.is_completed():
+                shards.append(fut.result())
+            else:
+                failed.append({"shard": spec, "error": str(fut.state.message)})
+        if failed:
+            log.error("%d of %d generation shards failed after retries: %s", len(failed), len(futures), failed)
+            raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
+    faith = stages.faithfulness(data, shards, cfg.generator.resolution, cfg.faithfulness, st, rt) if shards else None
+
+    runs = []
+    for ratio in cfg.sweep.ratios:
+        alloc = plan["ratios"][ratio]["alloc"]
+        synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards)}
+        runs += [stages.train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, st, rt) for seed in cfg.sweep.seeds]
+    wait(runs)
+    results = [r.result() for r in runs]
+
+    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": gen,
+               "shards": shards, "faithfulness": faith, "runs": results}
+    report = stages.report(summary, st)
+    log.info("report: %s", report["uri"])
+    return {"report": report, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}

@@ -1,0 +1,63 @@
+"""Stage: decide how many synthetic images each attribute combination gets, for every sweep ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from porcelain.config import GenerationConfig, SweepConfig, parse_ratio
+from porcelain.data.ingest import dataset_key
+from porcelain.generate.plan import (
+    allocate,
+    class_counts_after,
+    combination_counts,
+    imbalance_ratio,
+    plan_shards,
+    synthetic_budget,
+)
+from porcelain.storage import Store
+
+
+def encode_alloc(alloc: dict[tuple[int, ...], int]) -> list[list]:
+    """JSON form of an allocation: ``[[combo, n], …]`` for combinations that get images."""
+    return [[list(c), n] for c, n in sorted(alloc.items()) if n > 0]
+
+
+def decode_alloc(rows: list[list]) -> dict[tuple[int, ...], int]:
+    return {tuple(int(v) for v in c): int(n) for c, n in rows}
+
+
+def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg: GenerationConfig) -> dict[str, Any]:
+    """Allocation per ratio, the shards that cover them all, and imbalance ratios before and after."""
+    meta = store.read_json(f"{dataset_key(data['data_hash'])}/dataset.json")
+    tasks, classes = meta["tasks"], meta["classes"]
+    train = [[classes[t].index(r["labels"][t]) for t in tasks] for r in meta["records"] if r["split"] == "train"]
+    counts = combination_counts(train)
+    real_counts = data["train_counts"]
+    ratios = {}
+    for ratio in sweep.ratios:
+        n_syn = synthetic_budget(len(train), parse_ratio(ratio))
+        alloc = allocate(counts, n_syn)
+        after = class_counts_after(real_counts, alloc)
+        ratios[ratio] = {
+            "synthetic": n_syn,
+            "alloc": encode_alloc(alloc),
+            "class_counts": after,
+            "imbalance": {t: imbalance_ratio(after[i]) for i, t in enumerate(tasks)},
+        }
+    shards = plan_shards([decode_alloc(r["alloc"]) for r in ratios.values()], cfg.shard_size, cfg.seed)
+    return {
+        "real_train": len(train),
+        "combinations": [[list(c), n] for c, n in counts.items()],
+        "imbalance_before": {t: imbalance_ratio(real_counts[i]) for i, t in enumerate(tasks)},
+        "ratios": ratios,
+        "shards": [s.to_dict() for s in shards],
+    }
+
+
+def shards_for(alloc_rows: list[list], shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shards one ratio reads: those holding images below its allocation of their combination.
+
+    Only these enter that ratio's cache key, so adding a larger ratio leaves smaller ones cached.
+    """
+    alloc = decode_alloc(alloc_rows)
+    return [s for s in shards if s["start"] < alloc.get(tuple(s["combo"]), 0)]

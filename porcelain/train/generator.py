@@ -1,0 +1,225 @@
+"""Training of the closed-set generator (:mod:`porcelain.models.generator`).
+
+DDPM noise-prediction training: an image ``x0`` is noised to ``x_t`` at a random timestep with the
+spec's :class:`~diffusers.DDPMScheduler` (``add_noise``) and the model learns to predict the noise
+(or the velocity, for ``prediction_type='v_prediction'``) given ``t`` and the labels. Labels are
+dropped to the per-task "null" index so that the same model also serves as the unconditional
+(and partly conditional) model needed by classifier-free guidance.
+
+Deterministic in ``seed`` for a given device/dtype: every random draw (batch indices, flips, noise,
+timesteps, label dropout) comes from one CPU ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+
+from porcelain.device import autocast, choose_device, choose_dtype, grad_scaler
+from porcelain.errors import DataError, NonFiniteLossError
+from porcelain.models.generator import ConditionalUNet
+from porcelain.progress import ProgressFn, null_progress
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EMA",
+    "DEFAULT_LABEL_DROPOUT",
+    "DEFAULT_LR",
+    "DEFAULT_TRAIN_STEPS",
+    "DEFAULT_WARMUP_STEPS",
+    "STAGE",
+    "images_to_tensor",
+    "labels_to_tensor",
+    "train_generator",
+]
+
+log = logging.getLogger("porcelain")
+
+STAGE = "closed-set generator training"
+
+# Defaults for the "small" preset on the built-in 32 px sample, measured on 2 shared CPU cores
+# (benchmarks/generator_faithfulness.py).
+DEFAULT_TRAIN_STEPS = 1500
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 2e-3
+DEFAULT_WARMUP_STEPS = 50
+DEFAULT_EMA: float | None = 0.995
+DEFAULT_LABEL_DROPOUT = 0.1
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``N×H×W×3`` → float32 ``N×3×H×W`` in [-1, 1]."""
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise DataError(f"images must be N×H×W×3, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise DataError(f"images must be uint8, got {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def labels_to_tensor(labels: np.ndarray | torch.Tensor, num_classes: list[int], *, allow_null: bool = True) -> torch.Tensor:
+    """int ``N×T`` → int64 tensor, checking each column is in ``[0, n_t]`` (``n_t`` = null, if allowed)."""
+    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if y.ndim != 2 or y.shape[1] != len(num_classes):
+        raise DataError(f"labels must be N×{len(num_classes)}, got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        raise DataError(f"labels must be integers, got {y.dtype}")
+    y = y.long()
+    upper = torch.tensor(num_classes) + (1 if allow_null else 0)
+    bad = (y < 0) | (y >= upper.to(y.device))
+    if bad.any():
+        i, t = (int(v) for v in bad.nonzero()[0])
+        raise DataError(f"label {int(y[i, t])} at row {i}, task {t} is outside [0, {int(upper[t]) - 1}]")
+    return y
+
+
+def _drop_labels(y: torch.Tensor, null: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Each task's label → null with prob ``p``; additionally all labels of a row → null with prob ``p``."""
+    if p <= 0:
+        return y
+    b, t = y.shape
+    drop = torch.rand(b, t, generator=gen) < p
+    drop_all = torch.rand(b, 1, generator=gen) < p
+    return torch.where(drop | drop_all, null.expand(b, t), y)
+
+
+def train_generator(
+    model: ConditionalUNet,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int = DEFAULT_TRAIN_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    label_dropout: float = DEFAULT_LABEL_DROPOUT,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: ProgressFn = null_progress,
+    ema: float | None = DEFAULT_EMA,
+    lr_schedule: str = "cosine",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    hflip: bool = True,
+    time_limit_s: float | None = None,
+) -> tuple[ConditionalUNet, dict[str, Any]]:
+    """Train ``model`` in place on uint8 ``images`` (N×H×W×3) and int64 ``labels`` (N×T).
+
+    Returns ``(model, history)``; the model is left in eval mode, on ``device``, and holds the EMA
+    weights when ``ema`` is given (the raw weights are discarded). ``history`` has per-step
+    ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``steps_per_s``, ``stopped_early``.
+
+    ``lr_schedule`` is any name of :func:`diffusers.optimization.get_scheduler` (``"constant"``,
+    ``"cosine"``, …). ``time_limit_s`` stops early once that much wall time is spent (the result then
+    depends on machine speed; ``None`` = always run ``steps``). Raises
+    :class:`~porcelain.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
+    """
+    spec = model.spec
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    x_all = images_to_tensor(images)
+    if x_all.shape[-1] != spec.resolution or x_all.shape[-2] != spec.resolution:
+        raise DataError(f"images are {x_all.shape[-2]}×{x_all.shape[-1]} but the generator expects "
+                        f"{spec.resolution}×{spec.resolution}")
+    y_all = labels_to_tensor(labels, spec.num_classes, allow_null=True)
+    if len(y_all) != len(x_all):
+        raise DataError(f"{len(x_all)} images but {len(y_all)} label rows")
+    n = len(x_all)
+    if n == 0:
+        raise DataError("no training images")
+
+    dev = choose_device(device)
+    dt = choose_dtype(dtype, dev)
+    model.to(dev).train()
+    x_all = x_all.to(dev)  # labels stay on the CPU, where the dropout draws are made
+    null = model.null_labels(1, device=torch.device("cpu"))
+    noise_sched = spec.make_train_scheduler()
+    # add_noise indexes alphas_cumprod with the timesteps; keep them on the device.
+    noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = get_scheduler(lr_schedule, opt, num_warmup_steps=min(warmup_steps, steps // 2),
+                          num_training_steps=steps)
+    scaler = grad_scaler(dev, dt)
+    ema_params = [p.detach().clone() for p in model.parameters()] if ema else None
+
+    history: dict[str, Any] = {"loss": [], "lr": [], "stage": STAGE}
+    start = time.monotonic()
+    done = 0
+    stopped_early = False
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
+        noise = torch.randn((batch_size, *x_all.shape[1:]), generator=gen)
+        t = torch.randint(0, spec.num_train_timesteps, (batch_size,), generator=gen)
+        y = _drop_labels(y_all[idx], null, label_dropout, gen)
+
+        x0 = x_all[idx.to(dev)]
+        if flip is not None and bool(flip.any()):
+            x0 = torch.where(flip.to(dev)[:, None, None, None], x0.flip(-1), x0)
+        noise, t, y = noise.to(dev), t.to(dev), y.to(dev)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise if spec.prediction_type == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+
+        with autocast(dev, dt):
+            pred = model(xt, t, y)
+        loss = F.mse_loss(pred.float(), target.float())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(STAGE, step, value)
+
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        if ema_params is not None:
+            decay = min(float(ema), (1.0 + step) / (10.0 + step))
+            with torch.no_grad():
+                for e, p in zip(ema_params, model.parameters()):
+                    e.lerp_(p.detach(), 1.0 - decay)
+        # A NaN that reached the weights without a NaN loss (e.g. inf gradients): fail now, not later.
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise NonFiniteLossError(STAGE, step, float("nan"), hint="the weights became non-finite")
+
+        history["loss"].append(value)
+        history["lr"].append(sched.get_last_lr()[0])
+        done = step + 1
+        progress(done, steps, {"loss": value})
+        if time_limit_s is not None and time.monotonic() - start > time_limit_s and done < steps:
+            stopped_early = True
+            log.warning("%s: time limit %.0fs reached after %d of %d steps", STAGE, time_limit_s, done, steps)
+            progress(steps, steps, {"loss": value, "stopped_early": True})
+            break
+
+    if ema_params is not None:
+        with torch.no_grad():
+            for e, p in zip(ema_params, model.parameters()):
+                p.copy_(e)
+    model.eval()
+    seconds = time.monotonic() - start
+    history.update(seconds=seconds, steps=done, steps_per_s=done / max(seconds, 1e-9),
+                   stopped_early=stopped_early, batch_size=batch_size, lr_max=lr, ema=ema,
+                   seed=seed, device=str(dev), dtype=str(dt).replace("torch.", ""))
+    return model, history
+
+
+def clone_generator(model: ConditionalUNet) -> ConditionalUNet:
+    """A deep copy (for comparing weights before/after training in tests and benchmarks)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,60 @@
+"""What every porcelain task shares: content cache keys, JSON results, retries that skip data errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.tasks import exponential_backoff
+
+from porcelain.errors import NOT_RETRYABLE
+from porcelain.hashing import code_version, stable_hash
+
+# Parameters that say where or how to run, not what to compute: never part of a cache key.
+NOT_CONTENT = frozenset({"storage", "runtime"})
+
+
+def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Cache key from the task's content parameters (hashes, configs) and the library's code version."""
+    content = {k: v for k, v in parameters.items() if k not in NOT_CONTENT}
+    return f"{context.task.name}-{stable_hash({'params': content, 'code': code_version()}, 32)}"
+
+
+def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures (storage, network, OOM); a data or config error fails at once."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the failure itself could not be read back: be safe and retry
+        return True
+    return not isinstance(exc, NOT_RETRYABLE)
+
+
+TASK_DEFAULTS: dict[str, Any] = dict(
+    cache_key_fn=content_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_deterministic,
+)
+
+
+def result_storage_for(storage: Any) -> Any:
+    """A saved Prefect filesystem block for task results, beside the run's data in the same store.
+
+    Results are small JSON documents (see ``result_serializer``); credentials are not stored in the
+    block: s3fs reads them from the environment.
+    """
+    import os
+
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    url = storage.url.rstrip("/")
+    name = f"porcelain-results-{stable_hash(url, 12)}"
+    if "://" in url and not url.startswith("file://"):
+        block = RemoteFileSystem(basepath=f"{url}/prefect-results", settings=storage.storage_options())
+    else:
+        path = url.removeprefix("file://")
+        block = LocalFileSystem(basepath=os.path.join(os.path.abspath(path), "prefect-results"))
+    block.save(name, overwrite=True)
+    return block

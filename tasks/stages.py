@@ -1,0 +1,98 @@
+"""The pipeline's tasks, one per stage function. No logic lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from porcelain.config import (
+    ClassifierConfig,
+    DataConfig,
+    FaithfulnessConfig,
+    GenerationConfig,
+    GeneratorConfig,
+    RuntimeConfig,
+    SampleConfig,
+    StorageConfig,
+    SweepConfig,
+)
+from porcelain.data import ingest as ingest_mod
+from porcelain.data.source import materialize_sample
+from porcelain.evaluate.judging import measure_faithfulness
+from porcelain.generate.shards import generate_shard
+from porcelain.generate.targeting import plan_generation
+from porcelain.report.build import build_report
+from porcelain.storage import Store
+from porcelain.train.closed_set import train_closed_set
+from porcelain.train.sweep import train_and_evaluate
+from tasks.policy import TASK_DEFAULTS, content_cache_key
+
+
+def _store(storage: StorageConfig) -> Store:
+    return Store(storage.url, storage.storage_options())
+
+
+@task(name="sample-data", **TASK_DEFAULTS)
+def sample_data(sample: SampleConfig, storage: StorageConfig) -> dict[str, str]:
+    return materialize_sample(_store(storage), sample.n, sample.size, sample.seed)
+
+
+def _ingest_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Validation is keyed by the dataset's content fingerprint, not by where it lives."""
+    storage: StorageConfig = parameters["storage"]
+    data: DataConfig = parameters["data"]
+    root = parameters["root"] or ingest_mod.default_root(parameters["manifest"])
+    fp = ingest_mod.fingerprint(parameters["manifest"], root, storage.storage_options())
+    return content_cache_key(context, {"fingerprint": fp, "data": data})
+
+
+@task(name="ingest", **{**TASK_DEFAULTS, "cache_key_fn": _ingest_key})
+def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageConfig) -> dict[str, Any]:
+    return ingest_mod.ingest(
+        _store(storage), manifest, root, tasks=data.tasks, classes=data.classes, val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction, split_seed=data.split_seed, min_images=data.min_images,
+        shard_size=data.shard_size, storage_options=storage.storage_options())
+
+
+@task(name="pack-shard", task_run_name="pack-{size}px-{shard_index}", **TASK_DEFAULTS)
+def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, storage: StorageConfig) -> dict[str, str]:
+    return ingest_mod.pack_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
+
+
+@task(name="train-generator", **TASK_DEFAULTS)
+def train_generator(data: dict[str, Any], generator: GeneratorConfig, storage: StorageConfig,
+                    runtime: RuntimeConfig) -> dict[str, Any]:
+    return train_closed_set(_store(storage), data, generator, runtime)
+
+
+@task(name="plan-generation", **TASK_DEFAULTS)
+def plan(data: dict[str, Any], sweep: SweepConfig, generation: GenerationConfig, storage: StorageConfig) -> dict[str, Any]:
+    return plan_generation(_store(storage), data, sweep, generation)
+
+
+@task(name="generate-shard", task_run_name="generate-{spec[combo]}-{spec[start]}", **TASK_DEFAULTS)
+def generate(gen: dict[str, Any], spec: dict[str, Any], generation: GenerationConfig, storage: StorageConfig,
+             runtime: RuntimeConfig) -> dict[str, Any]:
+    return generate_shard(_store(storage), gen, spec, generation, runtime)
+
+
+@task(name="label-faithfulness", **TASK_DEFAULTS)
+def faithfulness(data: dict[str, Any], shards: list[dict[str, Any]], size: int, cfg: FaithfulnessConfig,
+                 storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return measure_faithfulness(_store(storage), data, shards, size, cfg, runtime)
+
+
+@task(name="train-evaluate", task_run_name="train-{ratio}-seed{seed}", **TASK_DEFAULTS)
+def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any], classifier: ClassifierConfig,
+                   storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime)
+
+
+@task(name="report", **TASK_DEFAULTS)
+def report(summary: dict[str, Any], storage: StorageConfig) -> dict[str, Any]:
+    out = build_report(_store(storage), summary)
+    create_markdown_artifact(out["markdown"], key="porcelain-report", description=out["uri"])
+    create_table_artifact(out["table"], key="porcelain-results", description="Test metrics per ratio and task")
+    return {k: out[k] for k in ("key", "report", "uri")}

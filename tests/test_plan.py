@@ -1,0 +1,69 @@
+import pytest
+
+from porcelain.generate.plan import (
+    ShardSpec,
+    allocate,
+    class_counts_after,
+    imbalance_ratio,
+    plan_shards,
+    synthetic_budget,
+)
+from porcelain.generate.targeting import encode_alloc, shards_for
+
+COUNTS = {(0, 0): 100, (0, 1): 40, (1, 0): 10, (1, 1): 2}
+
+
+def test_allocation_spends_the_budget_on_the_rarest_first():
+    alloc = allocate(COUNTS, 20)
+    assert sum(alloc.values()) == 20
+    assert alloc[(0, 0)] == 0 and alloc[(0, 1)] == 0
+    # the rarest combination gains most, and the floor rises evenly
+    assert alloc[(1, 1)] > alloc[(1, 0)] > 0
+    after = {c: COUNTS[c] + alloc[c] for c in COUNTS}
+    assert abs(after[(1, 1)] - after[(1, 0)]) <= 1
+
+
+@pytest.mark.parametrize("total", [0, 1, 7, 8, 50, 137, 1000])
+def test_allocation_sums_and_is_monotone(total):
+    a = allocate(COUNTS, total)
+    b = allocate(COUNTS, total + 13)
+    assert sum(a.values()) == total
+    assert all(b[c] >= a[c] for c in COUNTS)
+
+
+def test_budget_from_fraction():
+    assert synthetic_budget(900, 0.1) == 100
+    assert synthetic_budget(900, 0.0) == 0
+    with pytest.raises(ValueError):
+        synthetic_budget(10, 1.0)
+
+
+def test_imbalance_shrinks_with_targeted_images():
+    real = [[110, 42], [140, 12]]  # task 0 and task 1 class counts
+    alloc = allocate(COUNTS, 60)
+    after = class_counts_after(real, alloc)
+    assert imbalance_ratio(after[1]) < imbalance_ratio(real[1])
+    assert imbalance_ratio([5, 0, 1]) == 5.0
+
+
+def test_shards_reuse_boundaries_when_a_larger_ratio_is_added():
+    small = allocate(COUNTS, 30)
+    large = allocate(COUNTS, 90)
+    only_small = {s.key() for s in plan_shards([small], 8, base_seed=1)}
+    both = plan_shards([small, large], 8, base_seed=1)
+    # every full shard of the small plan is also in the plan that covers both ratios
+    full_small = {s.key() for s in plan_shards([small], 8, base_seed=1) if s.count == 8}
+    assert full_small <= {s.key() for s in both}
+    assert only_small  # non-empty
+    spec = both[0]
+    assert ShardSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_shards_for_selects_only_what_a_ratio_reads():
+    small = allocate(COUNTS, 30)
+    large = allocate(COUNTS, 90)
+    shards = [{**s.to_dict(), "key": s.key(), "n": s.count} for s in plan_shards([small, large], 8, 1)]
+    chosen = shards_for(encode_alloc(small), shards)
+    assert sum(min(s["n"], small[tuple(s["combo"])] - s["start"]) for s in chosen) == 30
+    assert all(s["start"] < small[tuple(s["combo"])] for s in chosen)
+    assert len(chosen) < len(shards)
