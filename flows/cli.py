@@ -18,13 +18,17 @@ from porcelain.config import RunConfig, config_from_dict, example_yaml, json_sch
 from porcelain.errors import PorcelainError  # noqa: E402
 
 
-def run_config(cfg: RunConfig) -> dict:
-    """Run the pipeline flow with results persisted beside the run's data."""
-    from flows.pipeline import pipeline
+def result_storage_for_config(cfg: RunConfig):
     from tasks.policy import result_storage_for
 
-    flow = pipeline.with_options(result_storage=result_storage_for(cfg.storage))
-    return flow(cfg.model_dump(mode="json"))
+    return result_storage_for(cfg.storage)
+
+
+def run_config(cfg: RunConfig) -> dict:
+    """Run the pipeline flow with task results persisted beside the run's data."""
+    from flows.pipeline import pipeline
+
+    return pipeline.with_options(result_storage=result_storage_for_config(cfg))(cfg.model_dump(mode="json"))
 
 
 def _print_result(result: dict) -> None:

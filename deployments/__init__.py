@@ -1,0 +1,1 @@
+"""Prefect deployments of the pipeline (scheduled ratio sweeps, refresh runs)."""
