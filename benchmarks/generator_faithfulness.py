@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=1600)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--judge-epochs", type=int, default=15)
+    ap.add_argument("--judge-epochs", type=int, default=10)
     ap.add_argument("--time-limit", type=float, default=None)
     ap.add_argument("--save-grid", default=None, help="write a PNG grid of generated images here")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")

@@ -26,6 +26,15 @@ def _counts(labels: np.ndarray) -> list[list[int]]:
     return [np.bincount(labels[:, t], minlength=len(CLASSES[task])).tolist() for t, task in enumerate(TASKS)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads can be 30x slower under contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def sample_data():
     items = plan_sample(96, seed=0)
@@ -150,6 +159,14 @@ def test_create_classifier_loads_backbone_weights_strictly(tmp_path):
     for k, v in source.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
 
+    save_weights(source.state_dict(), tmp_path / "whole_model.safetensors")  # backbone.* + heads.*
+    again = create_classifier("tiny", {"glaze": 5}, weights=tmp_path / "whole_model.safetensors")
+    assert torch.equal(again.backbone.conv_head.weight, source.backbone.conv_head.weight)
+
+    no_counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    save_weights(no_counters, tmp_path / "no_counters.safetensors")
+    create_classifier("tiny", NUM_CLASSES, weights=tmp_path / "no_counters.safetensors")
+
     extra = dict(state, **{"blocks.99.conv.weight": torch.zeros(1)})
     save_weights(extra, tmp_path / "extra.safetensors")
     with pytest.raises(WeightsError, match="unexpected keys: blocks.99.conv.weight"):
@@ -188,14 +205,16 @@ def test_training_lowers_the_loss_and_predicts(sample_data):
     model = create_classifier("tiny", NUM_CLASSES, seed=0)
     calls = []
     model, history = train_classifier(
-        model, images, labels, TASKS, counts=counts, epochs=5, batch_size=32, lr=3e-3, seed=0,
+        model, images, labels, TASKS, counts=counts, epochs=6, batch_size=32, lr=1e-2, seed=0,
         device="cpu", dtype="fp32", progress=lambda done, total, info: calls.append((done, total)),
     )
-    assert history["steps"] == 15 and len(history["loss"]) == 5 and len(history["step_loss"]) == 15
+    assert history["steps"] == 18 and len(history["loss"]) == 6 and len(history["step_loss"]) == 18
     assert set(history["task_loss"]) == set(TASKS)
-    assert history["loss"][-1] < 0.8 * history["loss"][0]
-    assert calls[-1] == (15, 15)
-    assert history["lr"][0] == pytest.approx(3e-3) and history["lr"][-1] < history["lr"][0]
+    # Default path (weighted sampler, augmentation, weighted loss): the sampled batches differ, so
+    # compare the mean of the last two epochs with the first.
+    assert np.mean(history["loss"][-2:]) < 0.85 * history["loss"][0]
+    assert calls[-1] == (18, 18)
+    assert history["lr"][0] == pytest.approx(1e-2) and history["lr"][-1] < history["lr"][0]
     assert not model.training
     preds = predict(model, images, batch_size=40, device="cpu", dtype="fp32")
     assert len(preds) == len(TASKS)

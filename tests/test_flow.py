@@ -34,10 +34,12 @@ def tiny_config(storage_url: str, **overrides) -> dict:
 def _task_states(flow_run_id) -> dict[str, list[str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     async def read():
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                             sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
             out: dict[str, list[str]] = {}
             for r in runs:
                 out.setdefault(r.name, []).append(r.state.name)

@@ -42,7 +42,7 @@ class Judge(nn.Module):
     Output: a list of ``N×n_t`` logits, one per task.
     """
 
-    def __init__(self, num_classes: list[int], width: int = 32, dropout: float = 0.2):
+    def __init__(self, num_classes: list[int], width: int = 16, dropout: float = 0.2):
         super().__init__()
         self.num_classes = [int(n) for n in num_classes]
         w = width
@@ -74,36 +74,9 @@ def _check_labels(labels: np.ndarray, num_classes: list[int], n: int, *, allow_n
     return y.astype(np.int64)
 
 
-def train_judge(
-    images: np.ndarray,
-    labels: np.ndarray,
-    num_classes: list[int],
-    *,
-    epochs: int = 15,
-    seed: int = 0,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    width: int = 32,
-    hflip: bool = True,
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: ProgressFn = null_progress,
-) -> Judge:
-    """Train a judge on real uint8 images (N×H×W×3) and int64 labels (N×T); deterministic in ``seed``.
-
-    AdamW with a one-cycle LR schedule, random horizontal flips, summed per-task cross-entropy.
-    Returns the judge in eval mode on ``device``.
-    """
-    x_all = Judge.prepare(images)
-    y_all = torch.from_numpy(_check_labels(labels, num_classes, len(x_all), allow_null=False))
+def _fit(judge: Judge, x_all: torch.Tensor, y_all: torch.Tensor, *, epochs: int, seed: int, batch_size: int,
+         lr: float, hflip: bool, dev: torch.device, dt: torch.dtype, progress: ProgressFn) -> None:
     n = len(x_all)
-    if n == 0:
-        raise DataError("no images to train the judge on")
-    dev = choose_device(device)
-    dt = choose_dtype(dtype, dev)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        judge = Judge(num_classes, width=width)
     judge.to(dev).train()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     per_epoch = math.ceil(n / batch_size)
@@ -134,6 +107,41 @@ def train_judge(
             sched.step()
             step += 1
             progress(step, total, {"loss": value})
+
+
+def train_judge(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: list[int],
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    width: int = 16,
+    hflip: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: ProgressFn = null_progress,
+) -> Judge:
+    """Train a judge on real uint8 images (N×H×W×3) and int64 labels (N×T); deterministic in ``seed``.
+
+    AdamW with a one-cycle LR schedule, random horizontal flips, summed per-task cross-entropy.
+    Returns the judge in eval mode on ``device``.
+    """
+    x_all = Judge.prepare(images)
+    y_all = torch.from_numpy(_check_labels(labels, num_classes, len(x_all), allow_null=False))
+    n = len(x_all)
+    if n == 0:
+        raise DataError("no images to train the judge on")
+    dev = choose_device(device)
+    dt = choose_dtype(dtype, dev)
+    # Initialisation and dropout draw from torch's global RNG: seed it, without disturbing the caller's.
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        judge = Judge(num_classes, width=width)
+        _fit(judge, x_all, y_all, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, hflip=hflip,
+             dev=dev, dt=dt, progress=progress)
     return judge.eval()
 
 

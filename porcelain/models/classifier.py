@@ -104,7 +104,8 @@ def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
 
 
 def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor], where: str = "weights") -> None:
-    """Load ``state`` into a timm backbone: strict, except that ImageNet classifier-head keys are ignored.
+    """Load ``state`` into a timm backbone: strict, except that ImageNet classifier-head keys are ignored
+    and missing BatchNorm ``num_batches_tracked`` counters are tolerated (raises :class:`WeightsError`).
 
     A state dict saved from a whole :class:`MultiTaskClassifier` is accepted too: its ``backbone.``
     prefix is stripped and its ``heads.`` are ignored (the heads are task-specific).
@@ -115,7 +116,8 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor]
     head_prefixes = _classifier_prefixes(backbone)
     state = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
     expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
+    # BatchNorm's num_batches_tracked is bookkeeping that many published checkpoints omit.
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong_shape:
@@ -138,7 +140,7 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor]
             f"{where} do not fit the {arch} backbone ({'; '.join(parts)}); "
             f"are they weights for a different architecture?"
         )
-    backbone.load_state_dict(state, strict=True)
+    backbone.load_state_dict(state, strict=False)  # everything but num_batches_tracked was checked above
 
 
 def create_classifier(

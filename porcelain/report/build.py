@@ -39,13 +39,13 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str]) -
     for m in METRICS:
         for r in ratios:
             for t in tasks:
-                stats[m][r][t] = mean_ci([x["metrics"][t][m] for x in by[r]])
+                stats[m][r][t] = mean_ci([x["metrics"]["per_task"][t][m] for x in by[r]])
         for r in ratios[1:]:
             seeds = sorted({x["seed"] for x in by[r]} & {x["seed"] for x in by[base]})
             for t in tasks:
-                a = [next(x for x in by[base] if x["seed"] == s)["metrics"][t][m] for s in seeds]
-                b = [next(x for x in by[r] if x["seed"] == s)["metrics"][t][m] for s in seeds]
-                delta[m][r][t] = paired_delta_ci(a, b)
+                a = [next(x for x in by[base] if x["seed"] == s)["metrics"]["per_task"][t][m] for s in seeds]
+                b = [next(x for x in by[r] if x["seed"] == s)["metrics"]["per_task"][t][m] for s in seeds]
+                delta[m][r][t] = paired_delta_ci(b, a)  # ratio minus baseline
     return {"stats": stats, "delta": delta}
 
 

@@ -1,0 +1,165 @@
+"""Closed-set generator: model, training, sampling (fast: tiny preset, tiny images)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from porcelain.errors import NonFiniteLossError
+from porcelain.generate.sampling import run_with_oom_backoff, sample_images
+from porcelain.models.generator import GENERATOR_PRESETS, ConditionalUNet, GeneratorSpec, create_generator
+from porcelain.train.generator import STAGE, train_generator
+
+RES = 8
+
+
+def _tiny(num_classes=(2,), seed=0) -> ConditionalUNet:
+    torch.manual_seed(seed)
+    return create_generator("tiny", num_classes=list(num_classes), resolution=RES)
+
+
+def _colour_data(n_per_class: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0: reddish images, class 1: bluish images (a little noise so they are not constant)."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[220, 40, 40], [40, 40, 220]], dtype=float)
+    labels = np.repeat(np.arange(2), n_per_class)
+    imgs = colours[labels][:, None, None, :] + rng.normal(0, 8, (len(labels), RES, RES, 3))
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels[:, None].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def trained_colour_model() -> ConditionalUNet:
+    images, labels = _colour_data()
+    model, hist = train_generator(_tiny(), images, labels, steps=60, batch_size=16, lr=1e-2, seed=0,
+                                  ema=None, warmup_steps=5, device="cpu")
+    assert hist["steps"] == 60 and len(hist["loss"]) == 60
+    assert np.mean(hist["loss"][-20:]) < np.mean(hist["loss"][:20])
+    return model
+
+
+def test_presets_and_forward_shapes():
+    assert {"tiny", "small"} <= set(GENERATOR_PRESETS)
+    model = _tiny(num_classes=(3, 2, 4))
+    assert model.spec.resolution == RES and model.spec.num_classes == [3, 2, 4]
+    x = torch.randn(5, 3, RES, RES)
+    y = torch.tensor([[0, 1, 3], [2, 0, 0], [3, 2, 4], [1, 1, 1], [0, 0, 2]])  # 3/2/4 = null per task
+    out = model(x, torch.randint(0, 1000, (5,)), y)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert model.null_labels(2).tolist() == [[3, 2, 4], [3, 2, 4]]
+    with pytest.raises(ValueError):
+        model(x, torch.zeros(5, dtype=torch.long), y[:, :2])
+
+
+def test_small_preset_patchified_forward():
+    torch.manual_seed(0)
+    model = create_generator("small", num_classes=[4, 4, 5, 4], resolution=32)
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), model.null_labels(2))
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_spec_json_round_trip_and_validation():
+    spec = create_generator("tiny", num_classes=[4, 5], resolution=16).spec
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert GeneratorSpec.from_dict(d) == spec
+    assert create_generator(d).spec == spec
+    with pytest.raises(ValueError):
+        GeneratorSpec.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError):
+        create_generator("nope", num_classes=[2], resolution=16)
+    with pytest.raises(ValueError):
+        create_generator("tiny", num_classes=[2], resolution=9)  # cannot be halved
+
+
+def test_conditioning_controls_colour(trained_colour_model):
+    labels = np.repeat(np.arange(2), 8)[:, None]
+    fake = sample_images(trained_colour_model, labels, steps=10, guidance=0.5, seed=0, device="cpu")
+    assert fake.shape == (16, RES, RES, 3) and fake.dtype == np.uint8
+    mean = fake.reshape(16, -1, 3).mean(1)
+    red, blue = mean[:8], mean[8:]
+    assert (red[:, 0] > red[:, 2] + 100).all(), red
+    assert (blue[:, 2] > blue[:, 0] + 100).all(), blue
+
+
+def test_sampling_is_deterministic_across_batch_sizes(trained_colour_model):
+    labels = np.array([[0], [1], [1], [0], [1]])
+    a = sample_images(trained_colour_model, labels, steps=4, guidance=0.5, seed=3, batch_size=5, device="cpu")
+    b = sample_images(trained_colour_model, labels, steps=4, guidance=0.5, seed=3, batch_size=2, device="cpu")
+    c = sample_images(trained_colour_model, labels, steps=4, guidance=0.5, seed=4, batch_size=5, device="cpu")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 1
+    # The first images do not depend on how many come after them.
+    d = sample_images(trained_colour_model, labels[:2], steps=4, guidance=0.5, seed=3, device="cpu")
+    assert np.abs(a[:2].astype(int) - d.astype(int)).max() <= 1
+
+
+def test_training_is_deterministic_in_seed():
+    images, labels = _colour_data(4)
+    runs = [train_generator(_tiny(), images, labels, steps=3, batch_size=4, lr=1e-3, seed=s, ema=0.9,
+                            device="cpu")[1]["loss"] for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_nan_loss_raises_with_stage_and_step():
+    images, labels = _colour_data(4)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_generator(_tiny(), images, labels, steps=20, batch_size=4, lr=1e30, seed=0, ema=None,
+                        grad_clip=None, warmup_steps=0, lr_schedule="constant", device="cpu")
+    err = info.value
+    assert err.stage == STAGE and 1 <= err.step < 20
+    assert STAGE in str(err) and f"step {err.step}" in str(err)
+
+
+def test_oom_backoff_halves_batch_size():
+    calls: list[tuple[int, int]] = []
+
+    def fn(start: int, stop: int) -> list[int]:
+        calls.append((start, stop))
+        if stop - start > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return list(range(start, stop))
+
+    out = run_with_oom_backoff(fn, 10, 8)
+    assert [i for part in out for i in part] == list(range(10))
+    sizes = [b - a for a, b in calls]
+    assert sizes[:3] == [8, 4, 2] and all(s <= 2 for s in sizes[2:])
+
+    def always(start: int, stop: int) -> None:
+        raise torch.cuda.OutOfMemoryError("fake")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_with_oom_backoff(always, 4, 4)
+    with pytest.raises(KeyError):  # other errors are not swallowed
+        run_with_oom_backoff(lambda a, b: {}[0], 4, 4)
+
+
+def test_sample_images_survives_fake_oom(trained_colour_model, monkeypatch, caplog):
+    labels = np.array([[0], [1], [0], [1], [1], [0]])
+    ref = sample_images(trained_colour_model, labels, steps=3, seed=0, batch_size=6, device="cpu")
+    real_forward = trained_colour_model.forward
+
+    def forward(x, t, y):
+        if len(x) > 6:  # a CFG batch is 2× the image batch: more than 3 images fail
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return real_forward(x, t, y)
+
+    monkeypatch.setattr(trained_colour_model, "forward", forward)
+    with caplog.at_level("WARNING", logger="porcelain"):
+        got = sample_images(trained_colour_model, labels, steps=3, seed=0, batch_size=6, device="cpu")
+    assert np.abs(ref.astype(int) - got.astype(int)).max() <= 1
+    assert "batch size 3" in caplog.text and "batch size 1" not in caplog.text
+
+
+def test_state_dict_safetensors_round_trip(trained_colour_model, tmp_path):
+    path = tmp_path / "generator.safetensors"
+    save_file(trained_colour_model.state_dict(), str(path))
+    spec = json.loads(json.dumps(trained_colour_model.spec.to_dict()))
+    fresh = create_generator(spec)
+    fresh.load_state_dict(load_file(str(path)))
+    labels = np.array([[0], [1], [1]])
+    a = sample_images(trained_colour_model, labels, steps=3, seed=7, device="cpu")
+    b = sample_images(fresh, labels, steps=3, seed=7, device="cpu")
+    assert np.array_equal(a, b)
