@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from porcelain.config import SAMPLE, RunConfig, config_from_dict
 from porcelain.generate.targeting import shards_for
 from tasks import stages
+from tasks.policy import retry_options
 
 
 @flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
@@ -19,6 +20,9 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     cfg: RunConfig = config_from_dict(config)
     log = get_run_logger()
     st, rt = cfg.storage, cfg.runtime
+    retry = retry_options(rt)
+    pack_shard, generate = stages.pack_shard.with_options(**retry), stages.generate.with_options(**retry)
+    train_evaluate = stages.train_evaluate.with_options(**retry)
 
     if cfg.data.manifest == SAMPLE:
         src = stages.sample_data(cfg.data.sample, st)
@@ -31,7 +35,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
                     data["quarantine_reasons"], data["quarantine_key"])
 
     sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size})
-    packs = [stages.pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
+    packs = [pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
              for s in sizes for i in range(data["n_shards"])]
     wait(packs)
     for p in packs:
@@ -41,7 +45,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     gen, shards, failed = None, [], []
     if plan["shards"]:
         gen = stages.train_generator(data, cfg.generator, st, rt)
-        futures = [stages.generate.submit(gen, spec, cfg.generation, st, rt) for spec in plan["shards"]]
+        futures = [generate.submit(gen, spec, cfg.generation, st, rt) for spec in plan["shards"]]
         wait(futures)
         for spec, fut in zip(plan["shards"], futures):
             if fut.state.is_completed():
@@ -57,7 +61,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     for ratio in cfg.sweep.ratios:
         alloc = plan["ratios"][ratio]["alloc"]
         synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards)}
-        runs += [stages.train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, st, rt) for seed in cfg.sweep.seeds]
+        runs += [train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, st, rt) for seed in cfg.sweep.seeds]
     wait(runs)
     results = [r.result() for r in runs]
 

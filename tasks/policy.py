@@ -58,3 +58,10 @@ def result_storage_for(storage: Any) -> Any:
         block = LocalFileSystem(basepath=os.path.join(os.path.abspath(path), "prefect-results"))
     block.save(name, overwrite=True)
     return block
+
+
+def retry_options(runtime: Any) -> dict[str, Any]:
+    """Per-run retry settings (``runtime.retries``, exponential backoff from ``retry_delay_seconds``)."""
+    return {"retries": runtime.retries,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=runtime.retry_delay_seconds)
+            if runtime.retry_delay_seconds > 0 else 0}

@@ -34,7 +34,7 @@ def _store(storage: StorageConfig) -> Store:
     return Store(storage.url, storage.storage_options())
 
 
-@task(name="sample-data", **TASK_DEFAULTS)
+@task(name="sample-data", task_run_name="sample-data", **TASK_DEFAULTS)
 def sample_data(sample: SampleConfig, storage: StorageConfig) -> dict[str, str]:
     return materialize_sample(_store(storage), sample.n, sample.size, sample.seed)
 
@@ -48,7 +48,7 @@ def _ingest_key(context: Any, parameters: dict[str, Any]) -> str:
     return content_cache_key(context, {"fingerprint": fp, "data": data})
 
 
-@task(name="ingest", **{**TASK_DEFAULTS, "cache_key_fn": _ingest_key})
+@task(name="ingest", task_run_name="ingest", **{**TASK_DEFAULTS, "cache_key_fn": _ingest_key})
 def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageConfig) -> dict[str, Any]:
     return ingest_mod.ingest(
         _store(storage), manifest, root, tasks=data.tasks, classes=data.classes, val_fraction=data.val_fraction,
@@ -61,13 +61,13 @@ def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, stora
     return ingest_mod.pack_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
 
 
-@task(name="train-generator", **TASK_DEFAULTS)
+@task(name="train-generator", task_run_name="train-generator", **TASK_DEFAULTS)
 def train_generator(data: dict[str, Any], generator: GeneratorConfig, storage: StorageConfig,
                     runtime: RuntimeConfig) -> dict[str, Any]:
     return train_closed_set(_store(storage), data, generator, runtime)
 
 
-@task(name="plan-generation", **TASK_DEFAULTS)
+@task(name="plan-generation", task_run_name="plan-generation", **TASK_DEFAULTS)
 def plan(data: dict[str, Any], sweep: SweepConfig, generation: GenerationConfig, storage: StorageConfig) -> dict[str, Any]:
     return plan_generation(_store(storage), data, sweep, generation)
 
@@ -78,7 +78,7 @@ def generate(gen: dict[str, Any], spec: dict[str, Any], generation: GenerationCo
     return generate_shard(_store(storage), gen, spec, generation, runtime)
 
 
-@task(name="label-faithfulness", **TASK_DEFAULTS)
+@task(name="label-faithfulness", task_run_name="label-faithfulness", **TASK_DEFAULTS)
 def faithfulness(data: dict[str, Any], shards: list[dict[str, Any]], size: int, cfg: FaithfulnessConfig,
                  storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
     return measure_faithfulness(_store(storage), data, shards, size, cfg, runtime)
@@ -90,7 +90,7 @@ def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[
     return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime)
 
 
-@task(name="report", **TASK_DEFAULTS)
+@task(name="report", task_run_name="report", **TASK_DEFAULTS)
 def report(summary: dict[str, Any], storage: StorageConfig) -> dict[str, Any]:
     out = build_report(_store(storage), summary)
     create_markdown_artifact(out["markdown"], key="porcelain-report", description=out["uri"])

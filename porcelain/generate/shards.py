@@ -58,8 +58,15 @@ def generate_shard(store: Store, gen: dict[str, Any], spec: dict[str, Any], cfg:
     apply_runtime(runtime)
     shard = ShardSpec.from_dict(spec)
     key = shard_key(gen, shard, cfg)
-    if store.exists(key):
-        return {"key": key, "n": shard.count, "combo": list(shard.combo), "start": shard.start}
+    ref = {"key": key, "n": shard.count, "combo": list(shard.combo), "start": shard.start}
+    with store.lock(key):
+        if not store.exists(key):
+            _generate(store, gen, shard, key, cfg, runtime)
+    return ref
+
+
+def _generate(store: Store, gen: dict[str, Any], shard: ShardSpec, key: str, cfg: GenerationConfig,
+              runtime: RuntimeConfig) -> None:
     model = load_generator(store, gen)
     labels = np.tile(np.asarray(shard.combo, dtype=np.int64), (shard.count, 1))
     images = sample_images(model, labels, steps=cfg.steps, guidance=cfg.guidance, seed=shard.seed,
@@ -81,7 +88,6 @@ def generate_shard(store: Store, gen: dict[str, Any], spec: dict[str, Any], cfg:
             "code_version": code_version(),
         },
     })
-    return {"key": key, "n": shard.count, "combo": list(shard.combo), "start": shard.start}
 
 
 def load_synthetic(store: Store, shards: list[dict[str, Any]], alloc: dict[tuple[int, ...], int],

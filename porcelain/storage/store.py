@@ -9,12 +9,16 @@ the same time — is idempotent.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import time
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -131,3 +135,39 @@ class Store:
         path = self.path(key)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    # -- coordination ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Serialise writers of one non-content-addressed result (two runs of the same config at once).
+
+        On a local disk (shared by every process of a machine) an exclusive ``flock`` on
+        ``.locks/<name>.lock``; the second writer waits, then finds the result and skips the work.
+        On object stores there is no lock: their writes are single atomic PUTs of identical,
+        deterministic bytes, so two writers of one key cannot corrupt it (the work may be done twice).
+        """
+        if not self.local:
+            yield
+            return
+        path = os.path.join(self.root, ".locks", check_key(name).replace("/", "__") + ".lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def clean_temporary(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files left by killed writers (local disks only); return how many."""
+        if not self.local:
+            return 0
+        removed, now = 0, time.time()
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                if ".tmp-" in f and now - os.path.getmtime(p) > older_than_s:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+                        removed += 1
+        return removed

@@ -28,8 +28,14 @@ def train_closed_set(store: Store, data: dict[str, Any], cfg: GeneratorConfig, r
     apply_runtime(runtime)
     key = generator_key(data["data_hash"], cfg)
     base = f"generators/{key}"
-    if store.exists(f"{base}/ref.json"):
-        return store.read_json(f"{base}/ref.json")
+    with store.lock(base):  # a second run of the same config waits here, then reuses the result
+        if store.exists(f"{base}/ref.json"):
+            return store.read_json(f"{base}/ref.json")
+        return _train(store, data, cfg, runtime, key, base)
+
+
+def _train(store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: RuntimeConfig, key: str,
+           base: str) -> dict[str, Any]:
     images, labels = load_split(store, data["data_hash"], cfg.resolution, data["n_shards"], "train")
     torch.manual_seed(cfg.seed)
     num_classes = [len(data["classes"][t]) for t in data["tasks"]]

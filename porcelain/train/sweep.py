@@ -34,8 +34,14 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
     apply_runtime(runtime)
     key = run_key(data["data_hash"], ratio, seed, synthetic, cfg)
     out = f"runs/{key}/metrics.json"
-    if store.exists(out):
-        return store.read_json(out)
+    with store.lock(out):
+        if not store.exists(out):
+            store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key))
+    return store.read_json(out)
+
+
+def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
+         cfg: ClassifierConfig, runtime: RuntimeConfig, key: str) -> dict[str, Any]:
     tasks = data["tasks"]
     num_classes = [len(data["classes"][t]) for t in tasks]
     size, n_shards = cfg.image_size, data["n_shards"]
@@ -67,5 +73,4 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
     }
     if cfg.save_weights:
         result["weights"] = store.write_bytes(f"runs/{key}/classifier.safetensors", weights_bytes(model.state_dict()))
-    store.write_json(out, result)
     return result
