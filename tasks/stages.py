@@ -18,7 +18,7 @@ from porcelain.config import (
     StorageConfig,
     SweepConfig,
 )
-from porcelain.data import ingest as ingest_mod
+from porcelain.data.ingest import default_root, fingerprint, ingest_dataset, pack_data_shard
 from porcelain.data.source import materialize_sample
 from porcelain.evaluate.judging import measure_faithfulness
 from porcelain.generate.shards import generate_shard
@@ -43,14 +43,14 @@ def _ingest_key(context: Any, parameters: dict[str, Any]) -> str:
     """Validation is keyed by the dataset's content fingerprint, not by where it lives."""
     storage: StorageConfig = parameters["storage"]
     data: DataConfig = parameters["data"]
-    root = parameters["root"] or ingest_mod.default_root(parameters["manifest"])
-    fp = ingest_mod.fingerprint(parameters["manifest"], root, storage.storage_options())
+    root = parameters["root"] or default_root(parameters["manifest"])
+    fp = fingerprint(parameters["manifest"], root, storage.storage_options())
     return content_cache_key(context, {"fingerprint": fp, "data": data})
 
 
 @task(name="ingest", task_run_name="ingest", **{**TASK_DEFAULTS, "cache_key_fn": _ingest_key})
 def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageConfig) -> dict[str, Any]:
-    return ingest_mod.ingest(
+    return ingest_dataset(
         _store(storage), manifest, root, tasks=data.tasks, classes=data.classes, val_fraction=data.val_fraction,
         test_fraction=data.test_fraction, split_seed=data.split_seed, min_images=data.min_images,
         shard_size=data.shard_size, storage_options=storage.storage_options())
@@ -58,7 +58,7 @@ def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageCo
 
 @task(name="pack-shard", task_run_name="pack-{size}px-{shard_index}", **TASK_DEFAULTS)
 def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, storage: StorageConfig) -> dict[str, str]:
-    return ingest_mod.pack_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
+    return pack_data_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
 
 
 @task(name="train-generator", task_run_name="train-generator", **TASK_DEFAULTS)

@@ -94,3 +94,34 @@ def s3_bucket(moto_server, request):
     name = "".join(c for c in name if c.isalnum() or c == "-")[:60]
     fs.mkdir(name)
     yield f"s3://{name}"
+
+
+@pytest.fixture
+def body_calls(monkeypatch):
+    """Counts the library calls made by task bodies (each task body calls exactly one)."""
+    import tasks.stages as stages
+
+    from tests.flowkit import STAGE_FUNCTIONS
+
+    calls: list[str] = []
+    for name in STAGE_FUNCTIONS:
+        fn = getattr(stages, name)
+
+        def wrapper(*a, __fn=fn, __name=name, **k):
+            calls.append(__name)
+            return __fn(*a, **k)
+
+        monkeypatch.setattr(stages, name, wrapper)
+    return calls
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_harness, tmp_path_factory):
+    """The whole flow once on a tiny config in a local store, shared by the flow and fault tests."""
+    from tests.flowkit import run_flow, tiny_config
+
+    cfg = tiny_config(str(tmp_path_factory.mktemp("store") / "runs"))
+    result, states = run_flow(cfg)
+    return cfg, result, states

@@ -2,96 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-
 import pytest
 
-from flows.cli import run_config
 from porcelain.config import config_from_dict
 from porcelain.storage import Store
+from tests.flowkit import run_flow as _run
+from tests.flowkit import tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(storage_url: str, **overrides) -> dict:
-    cfg = {
-        "name": "tiny",
-        "data": {"sample": {"n": 240, "size": 32, "seed": 3}, "shard_size": 100, "min_images": 20},
-        "storage": {"url": storage_url},
-        "generator": {"preset": "tiny", "resolution": 32, "train_steps": 40, "batch_size": 16},
-        "generation": {"steps": 4, "shard_size": 8, "batch_size": 16, "grid_per_combination": 2},
-        "classifier": {"model": "tiny", "image_size": 32, "epochs": 1, "batch_size": 32},
-        "sweep": {"ratios": ["100:0", "80:20"], "seeds": [0, 1]},
-        "faithfulness": {"epochs": 1},
-        "runtime": {"retries": 1, "retry_delay_seconds": 0},
-    }
-    for section, values in overrides.items():
-        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
-    return cfg
-
-
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    async def read():
-        # Task run states reach the server through events, a moment after the flow returns.
-        async with get_client() as client:
-            for _ in range(100):
-                runs = await client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                    sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-                if runs and all(r.state is not None and r.state.is_final() for r in runs):
-                    break
-                await asyncio.sleep(0.2)
-            out: dict[str, list[str]] = {}
-            for r in runs:
-                out.setdefault(r.name, []).append(r.state.name if r.state else "unknown")
-            return out
-
-    return asyncio.run(read())
-
-
-STAGE_FUNCTIONS = ("materialize_sample", "train_closed_set", "plan_generation", "generate_shard",
-                   "measure_faithfulness", "train_and_evaluate", "build_report")
-
-
-@pytest.fixture
-def body_calls(monkeypatch):
-    """Counts the library calls made by task bodies (each task body calls exactly one)."""
-    import tasks.stages as stages
-
-    calls: list[str] = []
-    for name in STAGE_FUNCTIONS:
-        fn = getattr(stages, name)
-
-        def wrapper(*a, __fn=fn, __name=name, **k):
-            calls.append(__name)
-            return __fn(*a, **k)
-
-        monkeypatch.setattr(stages, name, wrapper)
-    return calls
-
-
-def _run(cfg_dict):
-    from flows.pipeline import pipeline
-    from tasks.policy import result_storage_for
-
-    cfg = config_from_dict(cfg_dict)
-    state = pipeline.with_options(result_storage=result_storage_for(cfg.storage))(
-        cfg.model_dump(mode="json"), return_state=True)
-    assert state.is_completed(), state.message
-    return state.result(), _task_states(state.state_details.flow_run_id)
-
-
 @pytest.fixture(scope="module")
-def first_run(prefect_harness, tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("store") / "runs")
-    cfg = tiny_config(url)
-    result, states = _run(cfg)
-    return cfg, result, states
+def first_run(tiny_run):
+    return tiny_run
 
 
 def test_flow_produces_report_and_metrics(first_run):
@@ -138,13 +61,33 @@ def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_c
     assert gen_ran and gen_cached
 
 
-def test_flow_on_s3_storage(prefect_harness, moto_server, s3_bucket):
+SECRET = "porcelain-planted-secret-7Qx9"
+
+
+def test_flow_on_s3_storage_keeps_credentials_out_of_everything(prefect_harness, moto_server, s3_bucket,
+                                                               monkeypatch, capfd):
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     cfg = tiny_config(f"{s3_bucket}/runs", sweep={"ratios": ["100:0", "90:10"], "seeds": [0]})
     cfg["storage"]["endpoint_url"] = moto_server.endpoint
     result, states = _run(cfg)
     store = Store(cfg["storage"]["url"], config_from_dict(cfg).storage.storage_options())
     assert store.exists(result["report"]["report"])
     assert result["report"]["uri"].startswith("s3://")
-    # Prefect's own result records live in the bucket too, as JSON
+    # Prefect's own result records live in the bucket too, as JSON, not pickles
     records = store.list("prefect-results")
-    assert records and b"pickle" not in store.read_bytes(records[0])
+    assert records
+    for key in records:
+        assert store.read_bytes(key).lstrip()[:1] == b"{"
+    # the planted secret is nowhere: not in any stored object (results, reports, manifests, CSVs) ...
+    for path in store.fs.find(store.root):
+        assert SECRET.encode() not in store.fs.cat_file(path), path
+    # ... nor in the console output, nor in the Prefect database (parameters, logs, artifacts, blocks, states)
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+    db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    for f in db.parent.glob(db.name + "*"):
+        assert SECRET.encode() not in f.read_bytes(), f

@@ -56,7 +56,7 @@ def dataset_key(data_hash: str) -> str:
     return f"datasets/{data_hash}"
 
 
-def ingest(
+def ingest_dataset(
     store: Store,
     manifest: str,
     root: str | None,
@@ -108,7 +108,7 @@ def packed_key(data_hash: str, size: int, shard_index: int, n_shards: int) -> st
     return f"{dataset_key(data_hash)}/packed/{size}px/{shard_index:05d}-of-{n_shards:05d}.safetensors"
 
 
-def pack_shard(store: Store, data_hash: str, shard_index: int, n_shards: int, size: int,
+def pack_data_shard(store: Store, data_hash: str, shard_index: int, n_shards: int, size: int,
                storage_options: dict | None = None) -> dict[str, Any]:
     """Decode shard ``shard_index`` of the dataset at ``size`` px into one safetensors file."""
     key = packed_key(data_hash, size, shard_index, n_shards)

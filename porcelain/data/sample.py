@@ -5,7 +5,7 @@ Four tasks, each with a visible cue so that a classifier can learn it from pixel
 * ``type``    – vessel silhouette (meiping vase, bowl, jar, plate)
 * ``glaze``   – body colour and texture (celadon with crackle, white, blue-and-white painting,
                 cobalt with speckle, copper-red)
-* ``dynasty`` – decoration (Song plain, Yuan one wide band, Ming two thin bands, Qing dotted rows)
+* ``dynasty`` – painted shoulder band (Song plain, Yuan dark band, Ming iron-red bands, Qing yellow band with dots)
 * ``kiln``    – studio backdrop and clay colour at the foot (each kiln's collection photographed apart)
 
 Dynasty and kiln are correlated with glaze (Longquan mostly celadon, Jingdezhen mostly blue-and-white,
@@ -37,6 +37,11 @@ _GLAZE_RGB = {
     "blue_and_white": (232, 236, 242),
     "cobalt": (38, 62, 150),
     "copper_red": (168, 40, 36),
+}
+_DYNASTY_BAND = {
+    "yuan": (40, 30, 24),      # dark iron-brown
+    "ming": (214, 96, 40),     # iron-red
+    "qing": (236, 200, 64),    # enamel yellow
 }
 _KILN_BACKDROP = {
     "longquan": (92, 92, 96),
@@ -181,20 +186,19 @@ def render(labels: dict[str, str], size: int = 32, seed: int = 0) -> np.ndarray:
             r = rng.uniform(5, 10)
             draw.arc([x0, y0, x0 + 2 * r, y0 + 2 * r], 0, 300, fill=(30, 60, 160), width=5)
 
-    accent = (35, 28, 22) if glaze not in ("cobalt", "copper_red") else (235, 205, 110)
+    # Dynasty: a painted shoulder band whose colour and pattern mark the period (Song left plain).
     dyn = labels["dynasty"]
-    if dyn == "yuan":  # one wide band on the shoulder
-        y = top + 0.22 * height
-        draw.rectangle([0, y, s, y + 0.13 * height], fill=accent)
-    elif dyn == "ming":  # two thin bands
-        for frac in (0.15, 0.62):
-            y = top + frac * height
-            draw.rectangle([0, y, s, y + 0.05 * height], fill=accent)
-    elif dyn == "qing":  # rows of dots
-        for frac in (0.3, 0.5):
-            y = top + frac * height
+    if dyn != "song":
+        colour = _DYNASTY_BAND[dyn]
+        y = top + 0.2 * height
+        band = 0.16 * height
+        draw.rectangle([0, y, s, y + band], fill=colour)
+        if dyn == "ming":  # a second, thin band lower down
+            y2 = top + 0.62 * height
+            draw.rectangle([0, y2, s, y2 + 0.06 * height], fill=colour)
+        elif dyn == "qing":  # a row of dots under the band
             for x in np.arange(cx - 0.45 * s, cx + 0.45 * s, s / 10):
-                draw.ellipse([x, y, x + s / 22, y + s / 22], fill=accent)
+                draw.ellipse([x, y + band + 2, x + s / 22, y + band + 2 + s / 22], fill=colour)
 
     img.paste(layer, (0, 0), mask)
     # Unglazed foot: the kiln's clay colour.

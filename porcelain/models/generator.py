@@ -56,6 +56,9 @@ class GeneratorSpec:
     patch_size: int = 1
     in_channels: int = 3
     label_embed_init_std: float = 0.5
+    # "default": the (time + label) embedding is added to the features of each ResNet block;
+    # "scale_shift": it also scales them (AdaGN, a stronger conditioning path).
+    resnet_time_scale_shift: str = "default"
     # Noise schedule (shared by training and sampling).
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
@@ -81,6 +84,8 @@ class GeneratorSpec:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift', got {self.resnet_time_scale_shift!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
 
@@ -149,6 +154,7 @@ class ConditionalUNet(nn.Module):
             add_attention=spec.mid_attention,
             attention_head_dim=spec.attention_head_dim,
             norm_num_groups=spec.norm_num_groups,
+            resnet_time_scale_shift=spec.resnet_time_scale_shift,
             class_embed_type="identity",
         )
         assert levels == len(self.unet.down_blocks)

@@ -110,6 +110,7 @@ def train_generator(
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     hflip: bool = True,
+    snr_gamma: float | None = None,
     time_limit_s: float | None = None,
 ) -> tuple[ConditionalUNet, dict[str, Any]]:
     """Train ``model`` in place on uint8 ``images`` (N×H×W×3) and int64 ``labels`` (N×T).
@@ -119,7 +120,7 @@ def train_generator(
     ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``steps_per_s``, ``stopped_early``.
 
     ``lr_schedule`` is any name of :func:`diffusers.optimization.get_scheduler` (``"constant"``,
-    ``"cosine"``, …). ``time_limit_s`` stops early once that much wall time is spent (the result then
+    ``"cosine"``, …). ``snr_gamma`` enables Min-SNR-gamma loss weighting. ``time_limit_s`` stops early once that much wall time is spent (the result then
     depends on machine speed; ``None`` = always run ``steps``). Raises
     :class:`~porcelain.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
     """
@@ -175,7 +176,15 @@ def train_generator(
 
         with autocast(dev, dt):
             pred = model(xt, t, y)
-        loss = F.mse_loss(pred.float(), target.float())
+        if snr_gamma:
+            # Min-SNR-gamma weighting (Hang et al. 2023): caps the weight of the low-noise timesteps.
+            a = noise_sched.alphas_cumprod[t].float()
+            snr = a / (1.0 - a)
+            weight = snr.clamp(max=snr_gamma) / (snr if spec.prediction_type == "epsilon" else snr + 1)
+            per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_image * weight).mean()
+        else:
+            loss = F.mse_loss(pred.float(), target.float())
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(STAGE, step, value)

@@ -1,0 +1,67 @@
+"""Helpers for the flow tests: a tiny config, running the flow, reading task states, counting bodies."""
+
+from __future__ import annotations
+
+import asyncio
+
+from porcelain.config import config_from_dict
+
+
+def tiny_config(storage_url: str, **overrides) -> dict:
+    cfg = {
+        "name": "tiny",
+        "data": {"sample": {"n": 240, "size": 32, "seed": 3}, "shard_size": 100, "min_images": 20},
+        "storage": {"url": storage_url},
+        "generator": {"preset": "tiny", "resolution": 32, "train_steps": 40, "batch_size": 16},
+        "generation": {"steps": 4, "shard_size": 8, "batch_size": 16, "grid_per_combination": 2},
+        "classifier": {"model": "tiny", "image_size": 32, "epochs": 1, "batch_size": 32},
+        "sweep": {"ratios": ["100:0", "80:20"], "seeds": [0, 1]},
+        "faithfulness": {"epochs": 1},
+        "runtime": {"retries": 1, "retry_delay_seconds": 0},
+    }
+    for section, values in overrides.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read():
+        # Task run states reach the server through events, a moment after the flow returns.
+        async with get_client() as client:
+            for _ in range(100):
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+                if runs and all(r.state is not None and r.state.is_final() for r in runs):
+                    break
+                await asyncio.sleep(0.2)
+            out: dict[str, list[str]] = {}
+            for r in runs:
+                out.setdefault(r.name, []).append(r.state.name if r.state else "unknown")
+            return out
+
+    return asyncio.run(read())
+
+
+STAGE_FUNCTIONS = ("materialize_sample", "ingest_dataset", "pack_data_shard", "train_closed_set", "plan_generation", "generate_shard",
+                   "measure_faithfulness", "train_and_evaluate", "build_report")
+
+
+def run_flow(cfg_dict, expect_success: bool = True):
+    from flows.pipeline import pipeline
+    from tasks.policy import result_storage_for
+
+    cfg = config_from_dict(cfg_dict)
+    state = pipeline.with_options(result_storage=result_storage_for(cfg.storage))(
+        cfg.model_dump(mode="json"), return_state=True)
+    states = task_states(state.state_details.flow_run_id)
+    if not expect_success:
+        return state, states
+    assert state.is_completed(), state.message
+    return state.result(), states
+
+
