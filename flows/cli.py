@@ -14,7 +14,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERV
                "PREFECT_LOGGING_EXTRA_LOGGERS": "porcelain"}.items():
     os.environ.setdefault(_k, _v)
 
-from porcelain.config import RunConfig, config_from_dict, example_yaml, json_schema, load_config  # noqa: E402
+from porcelain.config import RunConfig, demo_config, example_yaml, json_schema, load_config  # noqa: E402
 from porcelain.errors import PorcelainError  # noqa: E402
 
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_sample(args.out_dir, n=args.n, size=args.size, seed=args.seed))
             return 0
-        cfg = load_config(args.config) if args.command == "run" else config_from_dict(
-            {"name": "demo", "storage": {"url": args.storage}}, "demo defaults")
+        cfg = load_config(args.config) if args.command == "run" else demo_config(url=args.storage)
         _print_result(run_config(cfg))
         return 0
     except PorcelainError as e:

@@ -209,6 +209,15 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(data, str(path))
 
 
+def demo_config(**storage: Any) -> RunConfig:
+    """The built-in demo run (``porcelain/configs/demo.yaml``), optionally with other storage settings."""
+    from importlib.resources import files
+
+    data = yaml.safe_load(files("porcelain.configs").joinpath("demo.yaml").read_text(encoding="utf-8"))
+    data["storage"] = {**data.get("storage", {}), **storage}
+    return config_from_dict(data, "porcelain/configs/demo.yaml")
+
+
 def example_yaml() -> str:
     """A complete example config with every default, as YAML."""
     return yaml.safe_dump(RunConfig().model_dump(mode="json"), sort_keys=False)

@@ -17,7 +17,7 @@ def tiny_config(storage_url: str, **overrides) -> dict:
         "classifier": {"model": "tiny", "image_size": 32, "epochs": 1, "batch_size": 32},
         "sweep": {"ratios": ["100:0", "80:20"], "seeds": [0, 1]},
         "faithfulness": {"epochs": 1},
-        "runtime": {"retries": 1, "retry_delay_seconds": 0},
+        "runtime": {"retries": 1, "retry_delay_seconds": 0, "threads": 1},
     }
     for section, values in overrides.items():
         cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
