@@ -11,7 +11,8 @@ from pathlib import Path
 
 # Offline by design: nothing downloads weights at run time, and Prefect sends no analytics.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_LOGGING_EXTRA_LOGGERS": "porcelain"}.items():
+               "PREFECT_LOGGING_EXTRA_LOGGERS": "porcelain",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(_k, _v)
 
 from porcelain.config import RunConfig, demo_config, example_yaml, json_schema, load_config  # noqa: E402
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_p.add_argument("what", choices=["schema", "example"])
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # porcelain's progress lines go through Prefect's handlers (PREFECT_LOGGING_EXTRA_LOGGERS above).
+    logging.getLogger("porcelain").setLevel(logging.INFO)
     try:
         if args.command == "config":
             print(json.dumps(json_schema(), indent=2) if args.what == "schema" else example_yaml(), end="")

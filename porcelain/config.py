@@ -58,12 +58,15 @@ class GeneratorConfig(_Model):
     """Closed-set attribute-conditional diffusion model, trained from scratch on the train split."""
 
     preset: Literal["tiny", "small"] = "small"
+    spec: dict[str, Any] = Field(default_factory=dict, description="Overrides of the preset's GeneratorSpec fields "
+                                 "(block_out_channels, attention, patch_size, norm_num_groups, …).")
     resolution: Annotated[int, Field(ge=8, le=128)] = 32
     train_steps: Annotated[int, Field(ge=1)] = 3000
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    lr: Annotated[float, Field(gt=0, le=1.0)] = 1e-3
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0, le=1.0)] = 2e-3
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    ema: Annotated[float, Field(ge=0, lt=1)] | None = None
+    ema: Annotated[float, Field(ge=0, lt=1)] | None = 0.995
+    snr_gamma: Annotated[float, Field(gt=0)] | None = Field(5.0, description="Min-SNR-γ loss weighting; null for plain MSE.")
     seed: int = 0
 
 

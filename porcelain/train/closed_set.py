@@ -39,12 +39,12 @@ def _train(store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: Ru
     images, labels = load_split(store, data["data_hash"], cfg.resolution, data["n_shards"], "train")
     torch.manual_seed(cfg.seed)
     num_classes = [len(data["classes"][t]) for t in data["tasks"]]
-    model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution)
+    model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution, **cfg.spec)
     start = time.monotonic()
     model, history = train_generator(
         model, images, labels, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         label_dropout=cfg.label_dropout, seed=cfg.seed, device=runtime.device, dtype=runtime.dtype,
-        ema=cfg.ema, progress=LogProgress("closed-set generator training"),
+        ema=cfg.ema, snr_gamma=cfg.snr_gamma, progress=LogProgress("closed-set generator training"),
     )
     seconds = time.monotonic() - start
     spec = model.spec.to_dict()
