@@ -20,27 +20,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# On a shared CPU, OpenMP threads that spin while waiting slow torch down several-fold when other
+# processes compete for the cores; passive waiting avoids that. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from porcelain.data.sample import CLASSES, TASKS, plan_sample, render  # noqa: E402
 from porcelain.evaluate.faithfulness import judge_accuracy, label_faithfulness, train_judge  # noqa: E402
-from porcelain.generate.sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLING_STEPS, sample_images  # noqa: E402
-from porcelain.models.generator import create_generator  # noqa: E402
-from porcelain.progress import LogProgress  # noqa: E402
-from porcelain.train.generator import (  # noqa: E402
+from porcelain.generate.sampling import sample_images  # noqa: E402
+from porcelain.models.generator import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
     DEFAULT_EMA,
+    DEFAULT_GUIDANCE,
+    DEFAULT_LABEL_DROPOUT,
     DEFAULT_LR,
+    DEFAULT_PRESET,
+    DEFAULT_SAMPLING_STEPS,
+    DEFAULT_SNR_GAMMA,
     DEFAULT_TRAIN_STEPS,
-    train_generator,
+    create_generator,
 )
+from porcelain.progress import LogProgress  # noqa: E402
+from porcelain.train.generator import train_generator  # noqa: E402
 
 
 def sample_dataset(n: int = 1600, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +74,18 @@ def fmt_row(name: str, values: dict[int, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--spec", default="{}", help="JSON overrides of GeneratorSpec fields")
     ap.add_argument("--steps", type=int, default=DEFAULT_TRAIN_STEPS)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--ema", type=float, default=DEFAULT_EMA if DEFAULT_EMA is not None else 0.0,
                     help="EMA decay, 0 = off")
-    ap.add_argument("--label-dropout", type=float, default=0.1)
+    ap.add_argument("--label-dropout", type=float, default=DEFAULT_LABEL_DROPOUT)
+    ap.add_argument("--snr-gamma", type=float, default=DEFAULT_SNR_GAMMA or 0.0, help="Min-SNR gamma, 0 = off")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--lr-schedule", default="cosine")
-    ap.add_argument("--guidance", default=f"0,{DEFAULT_GUIDANCE},1,2",
+    ap.add_argument("--guidance", default=",".join(f"{w:g}" for w in sorted({0.0, 1.0, DEFAULT_GUIDANCE, 2.5})),
                     help="comma-separated guidance values")
     ap.add_argument("--sampling-steps", type=int, default=DEFAULT_SAMPLING_STEPS)
     ap.add_argument("--n-gen", type=int, default=0, help="images generated per guidance value (0 = all held-out rows)")
@@ -80,12 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-epochs", type=int, default=10)
-    ap.add_argument("--time-limit", type=float, default=None)
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="fit generator training into this many seconds (fewer steps on a slow machine)")
     ap.add_argument("--save-grid", default=None, help="write a PNG grid of generated images here")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.monotonic()
     images, labels = sample_dataset(args.n, args.size, args.seed)
@@ -100,11 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = create_generator(args.preset, num_classes=num_classes, resolution=args.size, **json.loads(args.spec))
     n_params = sum(p.numel() for p in model.parameters())
+    cpu0 = time.process_time()
     model, hist = train_generator(
         model, images[tr], labels[tr], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         ema=args.ema or None, label_dropout=args.label_dropout, lr_schedule=args.lr_schedule,
-        seed=args.seed, progress=LogProgress("generator", every=10), time_limit_s=args.time_limit,
+        snr_gamma=args.snr_gamma or None, seed=args.seed, progress=LogProgress("generator", every=10),
+        time_budget_s=args.time_budget,
     )
+    train_cpu = time.process_time() - cpu0
 
     gen_labels = labels[te] if not args.n_gen else labels[te][: args.n_gen]
     faith: dict[float, dict[int, float]] = {}
@@ -120,9 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(f"generator preset={args.preset} spec={model.spec.to_dict()}")
     print(f"params={n_params / 1e6:.2f}M steps={hist['steps']} batch={args.batch_size} lr={args.lr} "
-          f"ema={args.ema} label_dropout={args.label_dropout} ddim_steps={args.sampling_steps} "
+          f"ema={args.ema} label_dropout={args.label_dropout} snr_gamma={args.snr_gamma} "
+          f"ddim_steps={args.sampling_steps} "
           f"torch_threads={torch.get_num_threads()}")
     print(f"data render {t_data:.1f}s | judge train {t_judge:.1f}s | generator train {hist['seconds']:.1f}s "
+          f"wall, {train_cpu:.0f}s CPU "
           f"({hist['steps_per_s']:.2f} steps/s, {hist['steps_per_s'] * args.batch_size:.0f} img/s) | "
           f"final loss (mean of last 100) {np.mean(hist['loss'][-100:]):.4f}")
     print(f"train {len(tr)} / held-out {len(te)} real images; {len(gen_labels)} generated per guidance value")
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(args.save_grid)
 
     result = {
-        "spec": model.spec.to_dict(), "params": n_params, "train_seconds": hist["seconds"],
+        "spec": model.spec.to_dict(), "params": n_params, "train_seconds": hist["seconds"], "train_cpu_seconds": train_cpu,
         "steps": hist["steps"], "steps_per_s": hist["steps_per_s"], "judge_seconds": t_judge,
         "judge_accuracy": {TASKS[t]: v for t, v in acc.items()},
         "faithfulness": {str(w): {TASKS[t]: v for t, v in f.items()} for w, f in faith.items()},

@@ -18,8 +18,7 @@ RES = 8
 
 
 def _tiny(num_classes=(2,), seed=0) -> ConditionalUNet:
-    torch.manual_seed(seed)
-    return create_generator("tiny", num_classes=list(num_classes), resolution=RES)
+    return create_generator("tiny", num_classes=list(num_classes), resolution=RES, seed=seed)
 
 
 def _colour_data(n_per_class: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +54,7 @@ def test_presets_and_forward_shapes():
 
 
 def test_small_preset_patchified_forward():
-    torch.manual_seed(0)
-    model = create_generator("small", num_classes=[4, 4, 5, 4], resolution=32)
+    model = create_generator("small", num_classes=[4, 4, 5, 4], resolution=32, seed=0)
     out = model(torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), model.null_labels(2))
     assert out.shape == (2, 3, 32, 32)
 
@@ -66,6 +64,8 @@ def test_spec_json_round_trip_and_validation():
     d = json.loads(json.dumps(spec.to_dict()))
     assert GeneratorSpec.from_dict(d) == spec
     assert create_generator(d).spec == spec
+    a, b = create_generator(d, seed=1), create_generator(d, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError):
         GeneratorSpec.from_dict({**d, "bogus": 1})
     with pytest.raises(ValueError):
@@ -163,3 +163,17 @@ def test_state_dict_safetensors_round_trip(trained_colour_model, tmp_path):
     a = sample_images(trained_colour_model, labels, steps=3, seed=7, device="cpu")
     b = sample_images(fresh, labels, steps=3, seed=7, device="cpu")
     assert np.array_equal(a, b)
+
+
+def test_time_budget_plans_fewer_steps(monkeypatch):
+    import porcelain.train.generator as train_mod
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(train_mod, "_clock", lambda: next(ticks) * 0.05)  # 0.05 "s" per step
+    images, labels = _colour_data(4)
+    model, hist = train_generator(_tiny(), images, labels, steps=100_000, batch_size=4, seed=0, warmup_steps=5,
+                                  time_budget_s=2.0, device="cpu")
+    # 20 calibration steps took 1 s, so 40 steps fit in 2 s; the cosine LR schedule ends there.
+    assert hist["steps"] == 40 and hist["requested_steps"] == 100_000 and not hist["stopped_early"]
+    assert hist["lr"][-1] < 0.01 * max(hist["lr"])
+    assert not model.training

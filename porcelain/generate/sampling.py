@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from porcelain.device import autocast, choose_device, choose_dtype
-from porcelain.models.generator import ConditionalUNet
+from porcelain.models.generator import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLE_BATCH_SIZE,
+    DEFAULT_SAMPLING_STEPS,
+    ConditionalUNet,
+)
 from porcelain.progress import ProgressFn, null_progress
 from porcelain.train.generator import labels_to_tensor
 
@@ -35,9 +40,6 @@ __all__ = [
 
 log = logging.getLogger("porcelain")
 
-DEFAULT_SAMPLING_STEPS = 25
-DEFAULT_GUIDANCE = 0.5
-DEFAULT_SAMPLE_BATCH_SIZE = 64
 
 T = TypeVar("T")
 

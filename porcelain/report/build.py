@@ -17,6 +17,7 @@ from porcelain.report.csvsafe import csv_safe, write_csv
 from porcelain.storage import Store
 
 METRICS = ("macro_f1", "accuracy", "minority_macro_f1")
+MAX_GRID_ROWS = 24
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -107,12 +108,15 @@ def _sample_grid(store: Store, summary: dict[str, Any], per_side: int) -> bytes:
     classes = data["classes"]
     size = summary["config"]["generator"]["resolution"]
     real_x, real_y = load_split(store, data["data_hash"], size, data["n_shards"], "train")
-    combos = sorted({tuple(s["combo"]) for s in summary["shards"]})
+    have_n: dict[tuple, int] = {}
+    for s in summary["shards"]:
+        have_n[tuple(s["combo"])] = have_n.get(tuple(s["combo"]), 0) + s["n"]
+    # the combinations that received the most synthetic images (the rarest ones), at most MAX_GRID_ROWS
+    combos = sorted(sorted(have_n, key=lambda c: -have_n[c])[:MAX_GRID_ROWS])
     rows = []
     for combo in combos:
-        have = sum(s["n"] for s in summary["shards"] if tuple(s["combo"]) == combo)
         syn_x, _ = load_synthetic(store, [s for s in summary["shards"] if tuple(s["combo"]) == combo],
-                                  {combo: min(per_side, have)}, size)
+                                  {combo: min(per_side, have_n[combo])}, size)
         real = real_x[np.all(real_y == np.asarray(combo), axis=1)][:per_side]
         label = " / ".join(classes[t][v] for t, v in zip(gen_tasks, combo))
         rows.append((label, list(real), list(syn_x)))
@@ -163,6 +167,14 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         for t in tasks:
             L.append(f"| {e(t)} | {faith['faithfulness'][t]:.1%} | {faith['judge_accuracy'][t]:.1%} |")
         L += ["", f"All tasks at or above target: **{'yes' if faith['passed'] else 'no'}**", ""]
+        if faith.get("by_rarity"):
+            L += ["By how many real train images the generated image's attribute combination had "
+                  "(the generator learns rare combinations least well):", "",
+                  "| combination had | images | " + " | ".join(e(t) for t in tasks) + " |",
+                  "|---|---|" + "---|" * len(tasks)]
+            for name, row in faith["by_rarity"].items():
+                L.append(f"| {name} | {row['n']} | " + " | ".join(f"{row['faithfulness'][t]:.1%}" for t in tasks) + " |")
+            L.append("")
     L += ["## Results on the real test split", "", "Mean over seeds [95% CI].", "",
           "| ratio | task | accuracy | macro-F1 | minority macro-F1 |", "|---|---|---|---|---|"]
     for r in ratios:

@@ -12,7 +12,6 @@ timesteps, label dropout) comes from one CPU ``torch.Generator``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -25,7 +24,16 @@ from diffusers.optimization import get_scheduler
 
 from porcelain.device import autocast, choose_device, choose_dtype, grad_scaler
 from porcelain.errors import DataError, NonFiniteLossError
-from porcelain.models.generator import ConditionalUNet
+from porcelain.models.generator import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EMA,
+    DEFAULT_LABEL_DROPOUT,
+    DEFAULT_LR,
+    DEFAULT_SNR_GAMMA,
+    DEFAULT_TRAIN_STEPS,
+    DEFAULT_WARMUP_STEPS,
+    ConditionalUNet,
+)
 from porcelain.progress import ProgressFn, null_progress
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "DEFAULT_EMA",
     "DEFAULT_LABEL_DROPOUT",
     "DEFAULT_LR",
+    "DEFAULT_SNR_GAMMA",
     "DEFAULT_TRAIN_STEPS",
     "DEFAULT_WARMUP_STEPS",
     "STAGE",
@@ -44,15 +53,8 @@ __all__ = [
 log = logging.getLogger("porcelain")
 
 STAGE = "closed-set generator training"
-
-# Defaults for the "small" preset on the built-in 32 px sample, measured on 2 shared CPU cores
-# (benchmarks/generator_faithfulness.py).
-DEFAULT_TRAIN_STEPS = 1500
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = 2e-3
-DEFAULT_WARMUP_STEPS = 50
-DEFAULT_EMA: float | None = 0.995
-DEFAULT_LABEL_DROPOUT = 0.1
+_CALIBRATION_STEPS = 20  # steps timed before a time budget decides the number of steps
+_clock = time.monotonic  # replaceable in tests
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -110,19 +112,24 @@ def train_generator(
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     hflip: bool = True,
-    snr_gamma: float | None = None,
-    time_limit_s: float | None = None,
+    snr_gamma: float | None = DEFAULT_SNR_GAMMA,
+    time_budget_s: float | None = None,
 ) -> tuple[ConditionalUNet, dict[str, Any]]:
     """Train ``model`` in place on uint8 ``images`` (N×H×W×3) and int64 ``labels`` (N×T).
 
     Returns ``(model, history)``; the model is left in eval mode, on ``device``, and holds the EMA
     weights when ``ema`` is given (the raw weights are discarded). ``history`` has per-step
-    ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``steps_per_s``, ``stopped_early``.
+    ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``requested_steps``, ``steps_per_s``, ``stopped_early``.
 
     ``lr_schedule`` is any name of :func:`diffusers.optimization.get_scheduler` (``"constant"``,
-    ``"cosine"``, …). ``snr_gamma`` enables Min-SNR-gamma loss weighting. ``time_limit_s`` stops early once that much wall time is spent (the result then
-    depends on machine speed; ``None`` = always run ``steps``). Raises
-    :class:`~porcelain.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
+    ``"cosine"``, …); ``snr_gamma`` enables Min-SNR-gamma loss weighting (``None`` = plain MSE).
+
+    ``time_budget_s`` makes training fit a wall-clock budget: the speed of the first steps decides how
+    many of ``steps`` fit, the LR schedule is re-planned for that many, and training also stops if the
+    budget runs out anyway. The result then depends on the machine's speed (``None``: always run
+    ``steps``, deterministic in ``seed``). ``history["steps"]`` is the number actually run.
+
+    Raises :class:`~porcelain.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
     """
     spec = model.spec
     if steps < 1 or batch_size < 1:
@@ -151,16 +158,18 @@ def train_generator(
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = get_scheduler(lr_schedule, opt, num_warmup_steps=min(warmup_steps, steps // 2),
-                          num_training_steps=steps)
+    sched = _lr_scheduler(lr_schedule, opt, warmup_steps, steps)
     scaler = grad_scaler(dev, dt)
     ema_params = [p.detach().clone() for p in model.parameters()] if ema else None
 
     history: dict[str, Any] = {"loss": [], "lr": [], "stage": STAGE}
-    start = time.monotonic()
+    planned = steps  # lowered once, after calibration, when a time budget is given
+    start = _clock()
     done = 0
     stopped_early = False
     for step in range(steps):
+        if step >= planned:
+            break
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
         noise = torch.randn((batch_size, *x_all.shape[1:]), generator=gen)
@@ -176,15 +185,15 @@ def train_generator(
 
         with autocast(dev, dt):
             pred = model(xt, t, y)
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if snr_gamma:
-            # Min-SNR-gamma weighting (Hang et al. 2023): caps the weight of the low-noise timesteps.
+            # Min-SNR-gamma weighting (Hang et al. 2023): the low-noise timesteps, whose loss is
+            # large but easy, are down-weighted so that training spends its effort on the
+            # structure (silhouette, bands) rather than on pixel noise.
             a = noise_sched.alphas_cumprod[t].float()
             snr = a / (1.0 - a)
-            weight = snr.clamp(max=snr_gamma) / (snr if spec.prediction_type == "epsilon" else snr + 1)
-            per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_image * weight).mean()
-        else:
-            loss = F.mse_loss(pred.float(), target.float())
+            per_image = per_image * snr.clamp(max=snr_gamma) / (snr if spec.prediction_type == "epsilon" else snr + 1)
+        loss = per_image.mean()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(STAGE, step, value)
@@ -202,33 +211,46 @@ def train_generator(
             with torch.no_grad():
                 for e, p in zip(ema_params, model.parameters()):
                     e.lerp_(p.detach(), 1.0 - decay)
+        done = step + 1
         # A NaN that reached the weights without a NaN loss (e.g. inf gradients): fail now, not later.
-        if (step + 1) % 50 == 0 or step + 1 == steps:
+        if done % 50 == 0 or done == planned:
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 raise NonFiniteLossError(STAGE, step, float("nan"), hint="the weights became non-finite")
 
         history["loss"].append(value)
         history["lr"].append(sched.get_last_lr()[0])
-        done = step + 1
-        progress(done, steps, {"loss": value})
-        if time_limit_s is not None and time.monotonic() - start > time_limit_s and done < steps:
-            stopped_early = True
-            log.warning("%s: time limit %.0fs reached after %d of %d steps", STAGE, time_limit_s, done, steps)
-            progress(steps, steps, {"loss": value, "stopped_early": True})
-            break
+        if time_budget_s is not None and done < planned:
+            elapsed = _clock() - start
+            if done == min(_CALIBRATION_STEPS, planned - 1):
+                fit = max(done + 1, int(time_budget_s * done / max(elapsed, 1e-9)))
+                if fit < planned:
+                    log.info("%s: %.2fs/step, so %d of %d steps fit the %.0fs budget",
+                             STAGE, elapsed / done, fit, steps, time_budget_s)
+                    planned = fit
+                    sched = _lr_scheduler(lr_schedule, opt, warmup_steps, planned, fast_forward=done)
+            elif elapsed > time_budget_s:
+                stopped_early = True
+                log.warning("%s: time budget %.0fs spent after %d of %d planned steps",
+                            STAGE, time_budget_s, done, planned)
+                planned = done
+        progress(done, planned, {"loss": value})
 
     if ema_params is not None:
         with torch.no_grad():
             for e, p in zip(ema_params, model.parameters()):
                 p.copy_(e)
     model.eval()
-    seconds = time.monotonic() - start
-    history.update(seconds=seconds, steps=done, steps_per_s=done / max(seconds, 1e-9),
+    seconds = _clock() - start
+    history.update(seconds=seconds, steps=done, requested_steps=steps, steps_per_s=done / max(seconds, 1e-9),
                    stopped_early=stopped_early, batch_size=batch_size, lr_max=lr, ema=ema,
-                   seed=seed, device=str(dev), dtype=str(dt).replace("torch.", ""))
+                   snr_gamma=snr_gamma, seed=seed, device=str(dev), dtype=str(dt).replace("torch.", ""))
     return model, history
 
 
-def clone_generator(model: ConditionalUNet) -> ConditionalUNet:
-    """A deep copy (for comparing weights before/after training in tests and benchmarks)."""
-    return copy.deepcopy(model)
+def _lr_scheduler(name: str, opt: torch.optim.Optimizer, warmup_steps: int, total: int, *, fast_forward: int = 0):
+    """diffusers' LR schedule over ``total`` steps, advanced by ``fast_forward`` steps already taken."""
+    sched = get_scheduler(name, opt, num_warmup_steps=min(warmup_steps, total // 2), num_training_steps=total)
+    for _ in range(fast_forward):
+        sched.step()
+    return sched
+
