@@ -1,9 +1,12 @@
 """Sampling from the closed-set generator: DDIM with classifier-free guidance.
 
-``eps = eps_c + w * (eps_c - eps_u)``: ``w = 0`` is the plain conditional model, larger ``w``
-pushes samples harder towards their labels (at some cost in diversity and, beyond ~1 on small
-models, in fidelity). A label equal to its task's class count is "null": that task is left free
-(the model was trained with per-task label dropout), so one can condition on e.g. glaze only.
+``pred = pred_c + w * (pred_c - pred_u)`` on the model's output (the velocity for the default
+v-prediction; the same affine combination as ``eps = eps_c + w (eps_c - eps_u)``, since eps is
+affine in v for a given x_t). ``w = 0`` is the plain conditional model; larger ``w`` pushes samples
+harder towards their labels. On the 32 px sample, w in 1–2.5 gave the most faithful images, w = 0.5
+lost ~5 points on the hardest task (dynasty) and w = 5 broke the images (faithfulness fell for every
+task). A label equal to its task's class count is "null": that task is left free (the model was
+trained with per-task label dropout), so one can condition on e.g. glaze only.
 
 The result is deterministic in ``(model, labels, seed, steps, guidance)`` and independent of
 ``batch_size``: each image's starting noise comes from its own generator seeded by
@@ -107,12 +110,12 @@ def _denoise(model: ConditionalUNet, x: torch.Tensor, y: torch.Tensor, scheduler
         tt = torch.full((len(x),), int(t), device=dev, dtype=torch.long)
         with autocast(dev, dt):
             if guidance == 0:
-                eps = model(x, tt, y).float()
+                pred = model(x, tt, y).float()
             else:
                 both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float()
-                eps_c, eps_u = both.chunk(2)
-                eps = eps_c + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+                pred_c, pred_u = both.chunk(2)
+                pred = pred_c + guidance * (pred_c - pred_u)
+        x = scheduler.step(pred, t, x, eta=0.0).prev_sample
     return x
 
 
