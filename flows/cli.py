@@ -27,9 +27,13 @@ def result_storage_for_config(cfg: RunConfig):
 
 def run_config(cfg: RunConfig) -> dict:
     """Run the pipeline flow with task results persisted beside the run's data."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.pipeline import pipeline
 
-    return pipeline.with_options(result_storage=result_storage_for_config(cfg))(cfg.model_dump(mode="json"))
+    flow = pipeline.with_options(result_storage=result_storage_for_config(cfg),
+                                 task_runner=ThreadPoolTaskRunner(max_workers=cfg.runtime.workers))
+    return flow(cfg.model_dump(mode="json"))
 
 
 def _print_result(result: dict) -> None:

@@ -19,7 +19,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from porcelain.data.images import decode_image, to_array
-from porcelain.data.manifest import QuarantineEntry, ValidatedDataset, validate, write_quarantine_csv
+from porcelain.data.manifest import ValidatedDataset, validate, write_quarantine_csv
 from porcelain.errors import DataError
 from porcelain.storage import Store
 

@@ -63,8 +63,7 @@ def _verdict(d: tuple[float, float, float]) -> str:
 
 def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``reports/<key>/`` (report.md, results.csv, PNGs); return keys, the Markdown and a table."""
-    data, plan, gen = summary["data"], summary["plan"], summary.get("generator")
-    faith, runs, cfg = summary.get("faithfulness") or {}, summary["runs"], summary["config"]
+    data, plan, runs, cfg = summary["data"], summary["plan"], summary["runs"], summary["config"]
     tasks, ratios = data["tasks"], list(cfg["sweep"]["ratios"])
     key = stable_hash({"summary": summary, "code": code_version()})
     base = f"reports/{key}"
@@ -150,7 +149,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
     for t in tasks:
         L.append(f"| {e(t)} | {plan['imbalance_before'][t]:.1f}:1 | "
                  + " | ".join(f"{plan['ratios'][r]['imbalance'][t]:.1f}:1" for r in ratios[1:]) + " |")
-    L += ["", f"Synthetic images per ratio: " + ", ".join(f"{r} → {plan['ratios'][r]['synthetic']}" for r in ratios)
+    L += ["", "Synthetic images per ratio: " + ", ".join(f"{r} → {plan['ratios'][r]['synthetic']}" for r in ratios)
           + f" (real train images: {plan['real_train']}); rarest combinations first.", ""]
     if gen:
         L += ["## Closed-set generator", "",
