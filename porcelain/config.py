@@ -67,6 +67,11 @@ class GeneratorConfig(_Model):
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     ema: Annotated[float, Field(ge=0, lt=1)] | None = 0.995
     snr_gamma: Annotated[float, Field(gt=0)] | None = Field(5.0, description="Min-SNR-γ loss weighting; null for plain MSE.")
+    balance: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0, description="Draw training images ∝ count(label combination)^-balance: 0 uniform over images, "
+        "1 uniform over combinations, so that the generator learns the rare combinations the targeted plan "
+        "asks for (on the sample, 1600 steps: rarest-combination faithfulness dynasty 87→95%, with no sign "
+        "of copying; benchmarks/generator_faithfulness.py).")
     seed: int = 0
 
 
@@ -123,7 +128,9 @@ class SweepConfig(_Model):
 
 
 class FaithfulnessConfig(_Model):
-    epochs: Annotated[int, Field(ge=1)] = 6
+    epochs: Annotated[int, Field(ge=1)] = Field(
+        10, description="Judge training epochs. At 6 the demo's judge was under-trained (type 96.7% on real "
+        "test images, 100% at 10) and called generated images wrong that a 10-epoch judge accepted.")
     threshold: Annotated[float, Field(ge=0, le=1)] = 0.9
     images_per_combination: Annotated[int, Field(ge=1)] = 8
 
@@ -132,7 +139,9 @@ class RuntimeConfig(_Model):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
-    workers: Annotated[int, Field(ge=1, le=64)] = Field(1, description="Tasks run at once (1 suits a 2-core CPU).")
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="Tasks of one stage (generation shards, sweep runs) run at once; they share the CPU "
+        "threads. 2 suits a 2-core CPU (small models gain more from running side by side than from threads).")
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 2.0
 

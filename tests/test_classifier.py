@@ -239,6 +239,48 @@ def test_training_is_deterministic_given_seed(sample_data):
     assert runs[0][0] != runs[2][0]
 
 
+def test_runs_in_parallel_threads_match_runs_one_after_the_other(sample_data):
+    """A sweep runs several trainings at once in threads: each must equal its run alone."""
+    import threading
+
+    images, labels, counts = sample_data
+    images, labels = images[:48], labels[:48]
+    counts = _counts(labels)
+
+    def one(seed: int, out: dict) -> None:
+        model = create_classifier("tiny", NUM_CLASSES, seed=seed)
+        _, history = train_classifier(model, images, labels, TASKS, counts=counts, epochs=2,
+                                      batch_size=12, lr=1e-3, seed=seed, device="cpu")
+        out[seed] = history["step_loss"]
+
+    alone: dict[int, list[float]] = {}
+    for seed in (0, 1, 2):
+        one(seed, alone)
+    together: dict[int, list[float]] = {}
+    threads = [threading.Thread(target=one, args=(seed, together)) for seed in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert alone[0] != alone[1]
+
+
+def test_dropout_draws_from_its_generator_not_the_global_rng():
+    from porcelain.models.classifier import SeededDropout, set_dropout_generator
+
+    drop = SeededDropout(0.5).train()
+    x = torch.ones(1000)
+    set_dropout_generator(drop, torch.Generator().manual_seed(3))
+    before = torch.random.get_rng_state()
+    a = drop(x)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG was not touched
+    set_dropout_generator(drop, torch.Generator().manual_seed(3))
+    assert torch.equal(drop(x), a)
+    assert set(a.unique().tolist()) == {0.0, 2.0} and 400 < int((a == 0).sum()) < 600
+    assert torch.equal(drop.eval()(x), x)
+
+
 def test_non_finite_loss_raises_at_once(sample_data):
     images, labels, counts = sample_data
     model = create_classifier("tiny", NUM_CLASSES, seed=0)

@@ -61,6 +61,21 @@ def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_c
     assert gen_ran and gen_cached
 
 
+def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
+    """runtime.workers = 2 (shards and sweep runs two at a time, sharing threads): same bytes, same metrics."""
+    cfg, result, _ = first_run
+    other = tiny_config(str(tmp_path / "runs"), runtime={"workers": 2})
+    result2, _ = _run(other)
+    a, b = Store(cfg["storage"]["url"]), Store(other["storage"]["url"])
+    shards = sorted(k for k in a.list("synthetic") if k.endswith(".json"))
+    assert shards and shards == sorted(k for k in b.list("synthetic") if k.endswith(".json"))
+    metrics = sorted(k for k in a.list("runs") if k.endswith("metrics.json"))
+    assert len(metrics) == 4
+    for k in metrics:
+        assert a.read_json(k)["metrics"] == b.read_json(k)["metrics"], k
+    assert result2["faithfulness"]["faithfulness"] == result["faithfulness"]["faithfulness"]
+
+
 SECRET = "porcelain-planted-secret-7Qx9"
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from porcelain.errors import NonFiniteLossError
 from porcelain.generate.sampling import run_with_oom_backoff, sample_images
 from porcelain.models.generator import GENERATOR_PRESETS, ConditionalUNet, GeneratorSpec, create_generator
-from porcelain.train.generator import STAGE, train_generator
+from porcelain.train.generator import STAGE, combination_sampling_weights, train_generator
 
 RES = 8
 
@@ -101,6 +101,31 @@ def test_training_is_deterministic_in_seed():
     runs = [train_generator(_tiny(), images, labels, steps=3, batch_size=4, lr=1e-3, seed=s, ema=0.9,
                             device="cpu")[1]["loss"] for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_combination_sampling_weights():
+    labels = np.array([[0, 0]] * 6 + [[0, 1]] * 3 + [[1, 1]])
+    uniform = combination_sampling_weights(labels, 0.0)
+    assert np.allclose(uniform, 1 / 10)
+    per_combination = combination_sampling_weights(labels, 1.0)
+    # α = 1: each combination is drawn equally often, whatever its count.
+    assert np.allclose([per_combination[:6].sum(), per_combination[6:9].sum(), per_combination[9]], 1 / 3)
+    half = combination_sampling_weights(labels, 0.5)
+    assert half.sum() == pytest.approx(1.0) and half[9] / half[0] == pytest.approx(6 ** 0.5)
+    with pytest.raises(ValueError):
+        combination_sampling_weights(np.zeros((0, 2)), 0.5)
+
+
+def test_balance_changes_what_training_sees():
+    images, labels = _colour_data(4)
+    images, labels = images[:5], labels[:5]  # 4 red, 1 blue
+    kw = dict(steps=3, batch_size=4, lr=1e-3, seed=0, ema=None, device="cpu")
+    plain = train_generator(_tiny(), images, labels, **kw)[1]
+    balanced = train_generator(_tiny(), images, labels, balance=1.0, **kw)[1]
+    assert balanced["balance"] == 1.0 and plain["balance"] == 0.0
+    assert plain["loss"] != balanced["loss"]
+    with pytest.raises(ValueError, match="balance"):
+        train_generator(_tiny(), images, labels, balance=1.5, **kw)
 
 
 def test_nan_loss_raises_with_stage_and_step():

@@ -55,7 +55,7 @@ def load_generator(store: Store, gen: dict[str, Any]) -> ConditionalUNet:
 def generate_shard(store: Store, gen: dict[str, Any], spec: dict[str, Any], cfg: GenerationConfig,
                    runtime: RuntimeConfig) -> dict[str, Any]:
     """Generate ``spec.count`` images of one attribute combination; return ``{"key", "n"}``."""
-    apply_runtime(runtime)
+    apply_runtime(runtime, concurrent=runtime.workers)
     shard = ShardSpec.from_dict(spec)
     key = shard_key(gen, shard, cfg)
     ref = {"key": key, "n": shard.count, "combo": list(shard.combo), "start": shard.start}

@@ -7,6 +7,7 @@ weights, when wanted, are a local file given by the user (:func:`create_classifi
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,34 @@ from torch import nn
 
 from porcelain.errors import WeightsError
 from porcelain.models.weights import load_pretrained_backbone
+
+# Model initialisation draws from torch's global RNG; the lock keeps seeded initialisations of
+# classifiers created at once in several threads (a concurrent sweep) apart.
+_INIT_LOCK = threading.Lock()
+
+
+class SeededDropout(nn.Dropout):
+    """``nn.Dropout`` that draws its masks from ``self.generator`` when one is set.
+
+    Training runs that share a process (tasks of a sweep in threads) would otherwise interleave
+    draws from torch's global RNG and stop being reproducible.
+    """
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.generator is None:
+            return super().forward(x)
+        keep = torch.rand(x.shape, generator=self.generator, device=self.generator.device) >= self.p
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - self.p)
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Make every :class:`SeededDropout` in ``model`` draw from ``generator`` (``None``: global RNG)."""
+    for m in model.modules():
+        if isinstance(m, SeededDropout):
+            m.generator = generator
+
 
 # name -> (timm architecture, extra timm kwargs). "tiny" keeps tests fast (0.57M backbone parameters).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -78,7 +107,7 @@ class MultiTaskClassifier(nn.Module):
         self.feature_dim = dim
         # Keys are "task_<name>": a bare task name may clash with nn.Module attributes ("type", "train").
         self.heads = nn.ModuleDict(
-            {head_key(task): nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, int(n)))
+            {head_key(task): nn.Sequential(SeededDropout(drop_rate), nn.Linear(dim, int(n)))
              for task, n in num_classes.items()}
         )
         self.num_classes = {task: int(n) for task, n in num_classes.items()}
@@ -165,7 +194,7 @@ def create_classifier(
         arch, kwargs = name, {}
     else:
         raise ValueError(f"unknown classifier {name!r}; presets: {', '.join(PRESETS)} (or any timm model name)")
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         backbone = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)

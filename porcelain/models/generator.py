@@ -113,12 +113,14 @@ class GeneratorSpec:
             raise ValueError(f"resolution {self.resolution} is not divisible by patch_size {self.patch_size}")
         inner = self.resolution // self.patch_size
         if inner % (2 ** (len(self.block_out_channels) - 1)):
-            raise ValueError(f"resolution/patch_size = {inner} cannot be halved {len(self.block_out_channels) - 1} times")
+            raise ValueError(f"resolution/patch_size = {inner} cannot be halved "
+                             f"{len(self.block_out_channels) - 1} times")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"channels {c} not divisible by norm_num_groups {self.norm_num_groups}")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
-            raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift', got {self.resnet_time_scale_shift!r}")
+            raise ValueError("resnet_time_scale_shift must be 'default' or 'scale_shift', "
+                             f"got {self.resnet_time_scale_shift!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
 

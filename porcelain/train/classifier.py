@@ -23,7 +23,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from porcelain.device import autocast, choose_device, choose_dtype, grad_scaler
 from porcelain.errors import NonFiniteLossError
-from porcelain.models.classifier import MultiTaskClassifier
+from porcelain.models.classifier import MultiTaskClassifier, set_dropout_generator
 from porcelain.progress import ProgressFn, null_progress
 
 STAGE = "classifier training"
@@ -209,63 +209,66 @@ def train_classifier(
 
     history: dict[str, Any] = {"loss": [], "task_loss": {t: [] for t in task_names}, "lr": [], "step_loss": [],
                                "steps": 0, "device": str(dev), "dtype": str(cdtype).removeprefix("torch.")}
-    fork_devices = [dev] if dev.type == "cuda" else []
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)  # dropout; data order and augmentation use their own generators
-        gen = torch.Generator().manual_seed(seed)
-        model.to(dev)
-        if dev.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        scaler = grad_scaler(dev, cdtype)
-        model.train()
-        step = 0
-        for epoch in range(epochs):
-            if sampler_w is not None:
-                order = torch.tensor(list(WeightedRandomSampler(sampler_w, n, replacement=True, generator=gen)))
-            else:
-                order = torch.randperm(n, generator=gen)
-            epoch_loss, epoch_task = 0.0, [0.0] * len(task_names)
-            epoch_lr = optimizer.param_groups[0]["lr"]
-            for b in range(steps_per_epoch):
-                idx = order[b * bs:(b + 1) * bs]
-                xb, yb = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
-                if pin:
-                    xb, yb = xb.pin_memory(), yb.pin_memory()
-                x = model.preprocess(xb)
-                y = yb.to(dev, non_blocking=True)
-                if augment:
-                    x = _augment(x, gen)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(dev, cdtype):
-                    logits = model(x)
-                task_losses = [
-                    F.cross_entropy(logits[task].float(), y[:, t], weight=class_w[t])
-                    for t, task in enumerate(task_names)
-                ]
-                stacked = torch.stack(task_losses)
-                loss = stacked.sum()
-                *task_values, value = torch.cat([stacked.detach(), loss.detach()[None]]).tolist()  # one sync
-                step += 1
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(STAGE, step, value)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                history["step_loss"].append(value)
-                epoch_loss += value
-                for t, tv in enumerate(task_values):
-                    epoch_task[t] += tv
-                progress(step, total_steps, {"epoch": epoch + 1, "loss": value})
-            history["loss"].append(epoch_loss / steps_per_epoch)
-            for t, task in enumerate(task_names):
-                history["task_loss"][task].append(epoch_task[t] / steps_per_epoch)
-            history["lr"].append(epoch_lr)
+    # All randomness comes from this run's own generators, never torch's global RNG, so that runs in
+    # parallel threads (a sweep) stay reproducible. (A timm backbone's own dropout or drop-path,
+    # off by default, would still use the global RNG.)
+    gen = torch.Generator().manual_seed(seed)  # data order and augmentation
+    model.to(dev)
+    # Dropout masks from a generator of this run's own: runs in parallel threads stay reproducible.
+    set_dropout_generator(model, torch.Generator(device=dev).manual_seed(seed + 1))
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scaler = grad_scaler(dev, cdtype)
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        if sampler_w is not None:
+            order = torch.tensor(list(WeightedRandomSampler(sampler_w, n, replacement=True, generator=gen)))
+        else:
+            order = torch.randperm(n, generator=gen)
+        epoch_loss, epoch_task = 0.0, [0.0] * len(task_names)
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        for b in range(steps_per_epoch):
+            idx = order[b * bs:(b + 1) * bs]
+            xb, yb = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
+            if pin:
+                xb, yb = xb.pin_memory(), yb.pin_memory()
+            x = model.preprocess(xb)
+            y = yb.to(dev, non_blocking=True)
+            if augment:
+                x = _augment(x, gen)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, cdtype):
+                logits = model(x)
+            task_losses = [
+                F.cross_entropy(logits[task].float(), y[:, t], weight=class_w[t])
+                for t, task in enumerate(task_names)
+            ]
+            stacked = torch.stack(task_losses)
+            loss = stacked.sum()
+            *task_values, value = torch.cat([stacked.detach(), loss.detach()[None]]).tolist()  # one sync
+            step += 1
+            if not math.isfinite(value):
+                raise NonFiniteLossError(STAGE, step, value)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            history["step_loss"].append(value)
+            epoch_loss += value
+            for t, tv in enumerate(task_values):
+                epoch_task[t] += tv
+            progress(step, total_steps, {"epoch": epoch + 1, "loss": value})
+        history["loss"].append(epoch_loss / steps_per_epoch)
+        for t, task in enumerate(task_names):
+            history["task_loss"][task].append(epoch_task[t] / steps_per_epoch)
+        history["lr"].append(epoch_lr)
+    set_dropout_generator(model, None)
     model.eval()
     seconds = time.perf_counter() - start
     history.update(steps=step, seconds=seconds, images_per_s=step * bs / max(seconds, 1e-9))

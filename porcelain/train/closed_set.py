@@ -44,7 +44,7 @@ def _train(store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: Ru
     model, history = train_generator(
         model, images, labels, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         label_dropout=cfg.label_dropout, seed=cfg.seed, device=runtime.device, dtype=runtime.dtype,
-        ema=cfg.ema, snr_gamma=cfg.snr_gamma, progress=LogProgress("closed-set generator training"),
+        ema=cfg.ema, snr_gamma=cfg.snr_gamma, balance=cfg.balance, progress=LogProgress("closed-set generator training"),
     )
     seconds = time.monotonic() - start
     spec = model.spec.to_dict()

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_TRAIN_STEPS",
     "DEFAULT_WARMUP_STEPS",
     "STAGE",
+    "combination_sampling_weights",
     "images_to_tensor",
     "labels_to_tensor",
     "train_generator",
@@ -67,7 +68,9 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def labels_to_tensor(labels: np.ndarray | torch.Tensor, num_classes: list[int], *, allow_null: bool = True) -> torch.Tensor:
+def labels_to_tensor(
+    labels: np.ndarray | torch.Tensor, num_classes: list[int], *, allow_null: bool = True
+) -> torch.Tensor:
     """int ``N×T`` → int64 tensor, checking each column is in ``[0, n_t]`` (``n_t`` = null, if allowed)."""
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
     if y.ndim != 2 or y.shape[1] != len(num_classes):
@@ -93,6 +96,16 @@ def _drop_labels(y: torch.Tensor, null: torch.Tensor, p: float, gen: torch.Gener
     return torch.where(drop | drop_all, null.expand(b, t), y)
 
 
+def combination_sampling_weights(labels: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-row draw probabilities ∝ ``count(row's label combination) ** -alpha`` (sum 1, float64)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty N×T array, got shape {labels.shape}")
+    _, inverse, counts = np.unique(labels, axis=0, return_inverse=True, return_counts=True)
+    w = counts[inverse.reshape(-1)].astype(np.float64) ** -float(alpha)
+    return w / w.sum()
+
+
 def train_generator(
     model: ConditionalUNet,
     images: np.ndarray,
@@ -113,16 +126,23 @@ def train_generator(
     grad_clip: float | None = 1.0,
     hflip: bool = True,
     snr_gamma: float | None = DEFAULT_SNR_GAMMA,
+    balance: float = 0.0,
     time_budget_s: float | None = None,
 ) -> tuple[ConditionalUNet, dict[str, Any]]:
     """Train ``model`` in place on uint8 ``images`` (N×H×W×3) and int64 ``labels`` (N×T).
 
     Returns ``(model, history)``; the model is left in eval mode, on ``device``, and holds the EMA
     weights when ``ema`` is given (the raw weights are discarded). ``history`` has per-step
-    ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``requested_steps``, ``steps_per_s``, ``stopped_early``.
+    ``loss`` and ``lr`` lists and ``seconds``, ``steps``, ``requested_steps``, ``steps_per_s``,
+    ``stopped_early`` (and the settings used).
 
     ``lr_schedule`` is any name of :func:`diffusers.optimization.get_scheduler` (``"constant"``,
-    ``"cosine"``, …); ``snr_gamma`` enables Min-SNR-gamma loss weighting (``None`` = plain MSE).
+    ``"cosine"``, …). ``snr_gamma`` enables Min-SNR-gamma loss weighting (``None``: plain MSE).
+
+    ``balance`` (α ≥ 0) draws each training image with probability ∝ ``count(its label
+    combination) ** -α`` (:func:`combination_sampling_weights`): 0 is uniform over images, 1 uniform
+    over combinations. The targeted plan asks the generator for the rarest combinations, so it must
+    learn them rather than the dataset's attribute correlations.
 
     ``time_budget_s`` makes training fit a wall-clock budget: the speed of the first steps decides how
     many of ``steps`` fit, the LR schedule is re-planned for that many, and training also stops if the
@@ -136,6 +156,8 @@ def train_generator(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"balance must be in [0, 1], got {balance}")
     x_all = images_to_tensor(images)
     if x_all.shape[-1] != spec.resolution or x_all.shape[-2] != spec.resolution:
         raise DataError(f"images are {x_all.shape[-2]}×{x_all.shape[-1]} but the generator expects "
@@ -156,6 +178,20 @@ def train_generator(
     # add_noise indexes alphas_cumprod with the timesteps; keep them on the device.
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
 
+    # Min-SNR-gamma weight of each timestep (Hang et al. 2023): low- and high-noise timesteps,
+    # whose loss is large but uninformative, are down-weighted so that training spends its effort
+    # on the structure (silhouette, bands) rather than on pixel noise.
+    t_weight = None
+    if snr_gamma:
+        a = noise_sched.alphas_cumprod.float().cpu()
+        snr = a / (1.0 - a)
+        t_weight = snr.clamp(max=snr_gamma) / (snr if spec.prediction_type == "epsilon" else snr + 1)
+    t_weight_dev = t_weight.to(dev) if t_weight is not None else None
+
+    draw_weights = None
+    if balance > 0:
+        draw_weights = torch.from_numpy(combination_sampling_weights(y_all.numpy(), balance))
+
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = _lr_scheduler(lr_schedule, opt, warmup_steps, steps)
@@ -170,7 +206,10 @@ def train_generator(
     for step in range(steps):
         if step >= planned:
             break
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        if draw_weights is None:
+            idx = torch.randint(0, n, (batch_size,), generator=gen)
+        else:
+            idx = torch.multinomial(draw_weights, batch_size, replacement=True, generator=gen)
         flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
         noise = torch.randn((batch_size, *x_all.shape[1:]), generator=gen)
         t = torch.randint(0, spec.num_train_timesteps, (batch_size,), generator=gen)
@@ -186,13 +225,8 @@ def train_generator(
         with autocast(dev, dt):
             pred = model(xt, t, y)
         per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if snr_gamma:
-            # Min-SNR-gamma weighting (Hang et al. 2023): the low-noise timesteps, whose loss is
-            # large but easy, are down-weighted so that training spends its effort on the
-            # structure (silhouette, bands) rather than on pixel noise.
-            a = noise_sched.alphas_cumprod[t].float()
-            snr = a / (1.0 - a)
-            per_image = per_image * snr.clamp(max=snr_gamma) / (snr if spec.prediction_type == "epsilon" else snr + 1)
+        if t_weight is not None:
+            per_image = per_image * t_weight_dev[t]
         loss = per_image.mean()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -243,7 +277,8 @@ def train_generator(
     seconds = _clock() - start
     history.update(seconds=seconds, steps=done, requested_steps=steps, steps_per_s=done / max(seconds, 1e-9),
                    stopped_early=stopped_early, batch_size=batch_size, lr_max=lr, ema=ema,
-                   snr_gamma=snr_gamma, seed=seed, device=str(dev), dtype=str(dt).replace("torch.", ""))
+                   snr_gamma=snr_gamma, balance=balance,
+                   seed=seed, device=str(dev), dtype=str(dt).replace("torch.", ""))
     return model, history
 
 

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from porcelain.config import ClassifierConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
@@ -30,8 +29,11 @@ def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cf
 
 def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
                        cfg: ClassifierConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0)."""
-    apply_runtime(runtime)
+    """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0).
+
+    Up to ``runtime.workers`` of these run at once and share the CPU threads.
+    """
+    apply_runtime(runtime, concurrent=runtime.workers)
     key = run_key(data["data_hash"], ratio, seed, synthetic, cfg)
     out = f"runs/{key}/metrics.json"
     with store.lock(out):
@@ -53,8 +55,7 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
     else:
         x, y = real_x, real_y
     counts = [np.bincount(y[:, t], minlength=n).tolist() for t, n in enumerate(num_classes)]
-    torch.manual_seed(seed)
-    model = create_classifier(cfg.model, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights)
+    model = create_classifier(cfg.model, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights, seed=seed)
     start = time.monotonic()
     model, history = train_classifier(
         model, x, y, tasks, counts=counts, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
