@@ -215,7 +215,6 @@ def train_classifier(
     # off by default, would still use the global RNG.)
     gen = torch.Generator().manual_seed(seed)  # data order and augmentation
     model.to(dev)
-    # Dropout masks from a generator of this run's own: runs in parallel threads stay reproducible.
     set_dropout_generator(model, torch.Generator(device=dev).manual_seed(seed + 1))
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
