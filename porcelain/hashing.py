@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,18 @@ def code_version() -> str:
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return f"{porcelain.__version__}+{h.hexdigest()[:12]}"
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors blob with its JSON header written with sorted keys.
+
+    safetensors writes the metadata map in a random order (a Rust ``HashMap``), so two saves of the
+    same weights differed byte for byte, and so did their sha256, which keys content-addressed
+    results downstream. Data offsets are relative to the end of the header, so only the header
+    changes; it is padded with spaces to a multiple of 8 bytes, as safetensors itself does.
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]

@@ -17,6 +17,7 @@ from porcelain.models.weights import (
     load_pretrained_backbone,
     load_weights,
     save_weights,
+    weights_bytes,
     weights_hash,
 )
 
@@ -88,6 +89,21 @@ def test_shared_and_non_contiguous_tensors_are_saved():
         assert torch.equal(loaded[k], v), k
     loaded["a"][0, 0] = 99.0  # independent copies after loading
     assert loaded["tied"][0, 0] == 0.0
+
+
+def test_saved_bytes_are_the_same_every_time():
+    """The sha256 of saved weights keys results downstream: equal content must give equal bytes
+    (safetensors alone writes its metadata map in a random order)."""
+    meta = {f"key{i}": str(i) for i in range(6)}
+    state = _state()
+    blobs = {weights_bytes(state, meta) for _ in range(20)}
+    blobs.add(weights_bytes(dict(reversed(list(state.items()))), dict(reversed(list(meta.items())))))
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    assert int.from_bytes(blob[:8], "little") % 8 == 0  # header stays 8-byte aligned
+    loaded, got_meta = load_weights(blob)
+    _assert_same(loaded, state)
+    assert got_meta == meta
 
 
 def test_metadata_must_be_text():

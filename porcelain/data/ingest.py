@@ -21,6 +21,7 @@ from safetensors.numpy import save as st_save
 from porcelain.data.images import decode_image, to_array
 from porcelain.data.manifest import ValidatedDataset, validate, write_quarantine_csv
 from porcelain.errors import DataError
+from porcelain.hashing import canonical_safetensors
 from porcelain.storage import Store
 
 SPLITS = ("train", "val", "test")
@@ -130,8 +131,9 @@ def pack_data_shard(store: Store, data_hash: str, shard_index: int, n_shards: in
         images[i] = to_array(decode_image(data), size)
         labels[i] = [classes[t].index(r["labels"][t]) for t in tasks]
         split[i] = SPLITS.index(r["split"])
-    store.write_bytes(key, st_save({"images": images, "labels": labels, "split": split},
-                                   metadata={"data_hash": data_hash, "size": str(size)}))
+    blob = st_save({"images": images, "labels": labels, "split": split},
+                   metadata={"data_hash": data_hash, "size": str(size)})
+    store.write_bytes(key, canonical_safetensors(blob))
     return {"key": key}
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from porcelain.errors import WeightsError
+from porcelain.hashing import canonical_safetensors
 
 PathLike = Union[str, os.PathLike]
 WeightsSource = Union[bytes, bytearray, memoryview, PathLike, IO[bytes]]
@@ -82,8 +83,11 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
 
 
 def weights_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The safetensors serialisation of ``state_dict`` (with optional text ``metadata``)."""
-    return _st_save(_prepare_for_save(state_dict), metadata=_check_metadata(metadata))
+    """The safetensors serialisation of ``state_dict`` (with optional text ``metadata``).
+
+    Deterministic: equal tensors and metadata give equal bytes, whatever the order of either.
+    """
+    return canonical_safetensors(_st_save(_prepare_for_save(state_dict), metadata=_check_metadata(metadata)))
 
 
 def save_weights(
