@@ -1,4 +1,5 @@
-"""The ``porcelain`` command line: ``demo``, ``run CONFIG``, ``sample-data OUT``, ``config schema|example``."""
+"""The ``porcelain`` command line: ``demo``, ``run CONFIG``, ``sample-data OUT``, ``config schema|example``,
+``store check URL``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def _print_result(result: dict) -> None:
     print(f"report: {result['report']['uri']}")
 
 
+def check_store(url: str, endpoint_url: str | None, *, clean: bool, older_than_s: float) -> int:
+    """Print what :func:`~porcelain.storage.verify.verify_store` finds; 1 when anything is wrong."""
+    from porcelain.config import StorageConfig
+    from porcelain.storage import Store
+    from porcelain.storage.verify import verify_store
+
+    store = Store(url, StorageConfig(url=url, endpoint_url=endpoint_url).storage_options())
+    if clean:
+        print(f"removed {store.clean_temporary(older_than_s)} temporary files older than {older_than_s:.0f} s")
+    problems = verify_store(store)
+    for p in problems:
+        print(p)
+    print(f"{store.url}: " + (f"{len(problems)} problems" if problems else "sound"))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="porcelain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--seed", type=int, default=0)
     cfg_p = sub.add_parser("config", help="print the run config's JSON schema or a complete example")
     cfg_p.add_argument("what", choices=["schema", "example"])
+    st_p = sub.add_parser("store", help="check a store after killed or failed runs")
+    st_p.add_argument("action", choices=["check"])
+    st_p.add_argument("url", help="the run's storage.url (folder or s3://bucket/prefix)")
+    st_p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, moto)")
+    st_p.add_argument("--clean", action="store_true",
+                      help="also delete temporary files that killed writers left (older than --older-than)")
+    st_p.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS")
     args = parser.parse_args(argv)
 
     # porcelain's progress lines go through Prefect's handlers (PREFECT_LOGGING_EXTRA_LOGGERS above).
@@ -70,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_sample(args.out_dir, n=args.n, size=args.size, seed=args.seed))
             return 0
+        if args.command == "store":
+            return check_store(args.url, args.endpoint_url, clean=args.clean, older_than_s=args.older_than)
         cfg = load_config(args.config) if args.command == "run" else demo_config(url=args.storage)
         _print_result(run_config(cfg))
         return 0

@@ -33,3 +33,23 @@ def test_demo_config_is_valid_and_sized_for_cpu():
     cfg = demo_config(url="/tmp/somewhere")
     assert cfg.storage.url == "/tmp/somewhere"
     assert cfg.data.manifest == "sample" and len(cfg.sweep.seeds) == 3 and len(cfg.sweep.ratios) == 3
+
+
+def test_store_check_finds_damage_and_cleans_leftovers_of_killed_writers(tmp_path, capsys):
+    import os
+
+    from porcelain.storage import Store
+
+    store = Store(str(tmp_path / "runs"))
+    key = store.put_object(b"fine", "bin")
+    leftover = tmp_path / "runs" / "objects" / "x.bin.tmp-123"
+    leftover.write_bytes(b"half")
+    os.utime(leftover, (0, 0))  # written long ago by a writer that was killed
+    assert main(["store", "check", store.url]) == 0
+    assert "sound" in capsys.readouterr().out and leftover.exists()
+    assert main(["store", "check", store.url, "--clean"]) == 0
+    assert "removed 1 temporary files" in capsys.readouterr().out and not leftover.exists()
+    (tmp_path / "runs" / key).write_bytes(b"tampered")
+    assert main(["store", "check", store.url]) == 1
+    out = capsys.readouterr().out
+    assert f"{key}: content does not match its name" in out and "1 problems" in out
