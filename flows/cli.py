@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 # Offline by design: nothing downloads weights at run time, and Prefect sends no analytics.
@@ -26,15 +27,91 @@ def result_storage_for_config(cfg: RunConfig):
     return result_storage_for(cfg.storage)
 
 
+def _start_temporary_server() -> threading.Thread | None:
+    """Start Prefect's temporary API server in a thread, or None when a server is configured.
+
+    Without ``PREFECT_API_URL`` Prefect starts a server subprocess at the flow's first call and waits
+    for it (~8 s here). Started now, it boots on the other core while this process imports torch and
+    diffusers (~15 s). The flow must not be called before the thread ends: a second ``start()`` would
+    return at once, before the server answers.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception as e:  # the flow's own start will try again and report it
+            logging.getLogger("porcelain").warning("early start of Prefect's temporary server failed: %s", e)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_config(cfg: RunConfig) -> dict:
     """Run the pipeline flow with task results persisted beside the run's data."""
+    server = _start_temporary_server()
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import pipeline
 
+    if server is not None:
+        server.join()
+
     flow = pipeline.with_options(result_storage=result_storage_for_config(cfg),
                                  task_runner=ThreadPoolTaskRunner(max_workers=cfg.runtime.workers))
-    return flow(cfg.model_dump(mode="json"))
+    state = flow(cfg.model_dump(mode="json"), return_state=True)
+    if server is not None:
+        wait_until_recorded(state.state_details.flow_run_id)
+    return state.result()
+
+
+def wait_until_recorded(flow_run_id, timeout_s: float = 15.0) -> None:
+    """Wait until the server has recorded every task run of the flow run in a final state.
+
+    Task run states reach the server as events, a moment after the flow returns. A temporary server
+    stopped before it wrote them loses the last states (what the Prefect UI shows for this run)
+    and prints the recorder's cancelled writes as tracebacks. Settled: no task run in a non-final
+    state and the same number of task runs at two polls in a row.
+    """
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    final = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    open_ = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[t for t in StateType if t not in final])))
+
+    async def count(client, **filters) -> int:
+        body = {k: f.model_dump(mode="json") for k, f in filters.items()}
+        response = await client.request("POST", "/task_runs/count", json=body)
+        response.raise_for_status()
+        return int(response.json())
+
+    async def poll() -> None:
+        async with get_client() as client:
+            deadline, last = time.monotonic() + timeout_s, -1
+            while time.monotonic() < deadline:
+                n = await count(client, flow_runs=runs)
+                if n == last and not await count(client, flow_runs=runs, task_runs=open_):
+                    return
+                last = n
+                await asyncio.sleep(0.3)
+
+    asyncio.run(poll())
 
 
 def _print_result(result: dict) -> None:

@@ -29,16 +29,15 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    from flows.cli import wait_until_recorded
+
+    wait_until_recorded(flow_run_id)  # task run states reach the server as events, after the flow returns
+
     async def read():
-        # Task run states reach the server through events, a moment after the flow returns.
         async with get_client() as client:
-            for _ in range(100):
-                runs = await client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                    sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-                if runs and all(r.state is not None and r.state.is_final() for r in runs):
-                    break
-                await asyncio.sleep(0.2)
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
             out: dict[str, list[str]] = {}
             for r in runs:
                 out.setdefault(r.name, []).append(r.state.name if r.state else "unknown")
