@@ -93,7 +93,8 @@ def wait_until_recorded(flow_run_id, timeout_s: float = 15.0) -> None:
 
     final = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    open_ = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[t for t in StateType if t not in final])))
+    not_final = [t for t in StateType if t not in final]
+    open_ = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=not_final)))
 
     async def count(client, **filters) -> int:
         body = {k: f.model_dump(mode="json") for k, f in filters.items()}

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from porcelain.config import config_from_dict
 from porcelain.storage import Store
 from porcelain.storage.verify import verify_store
 from tests.conftest import ROOT, _free_port

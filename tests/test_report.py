@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from porcelain.config import RunConfig, config_from_dict
+from porcelain.config import config_from_dict
 from porcelain.report.build import aggregate, build_report
 from porcelain.storage import Store
 
