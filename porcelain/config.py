@@ -70,8 +70,8 @@ class GeneratorConfig(_Model):
     balance: Annotated[float, Field(ge=0, le=1)] = Field(
         1.0, description="Draw training images ∝ count(label combination)^-balance: 0 uniform over images, "
         "1 uniform over combinations, so that the generator learns the rare combinations the targeted plan "
-        "asks for (on the sample, 1600 steps: rarest-combination faithfulness dynasty 87→95%, with no sign "
-        "of copying; benchmarks/generator_faithfulness.py).")
+        "asks for (on the sample, additive conditioning, 1600 steps: rarest-combination faithfulness dynasty "
+        "87→95%, with no sign of copying; benchmarks/generator_faithfulness.py).")
     seed: int = 0
 
 

@@ -6,7 +6,6 @@ import hashlib
 import time
 from typing import Any
 
-import torch
 
 from porcelain.config import GeneratorConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
@@ -37,9 +36,10 @@ def train_closed_set(store: Store, data: dict[str, Any], cfg: GeneratorConfig, r
 def _train(store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: RuntimeConfig, key: str,
            base: str) -> dict[str, Any]:
     images, labels = load_split(store, data["data_hash"], cfg.resolution, data["n_shards"], "train")
-    torch.manual_seed(cfg.seed)
     num_classes = [len(data["classes"][t]) for t in data["tasks"]]
-    model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution, **cfg.spec)
+    # Seeded initialisation that leaves torch's global RNG as it was (other tasks may be using it).
+    model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution, seed=cfg.seed,
+                             **cfg.spec)
     start = time.monotonic()
     model, history = train_generator(
         model, images, labels, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
