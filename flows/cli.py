@@ -145,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--storage", default="./porcelain-runs", help="folder or s3:// URL for everything the run makes")
     run = sub.add_parser("run", help="run the pipeline for a YAML run config")
     run.add_argument("config", type=Path)
-    sd = sub.add_parser("sample-data", help="write the built-in sample (manifest.csv + images/) to a folder")
+    sd = sub.add_parser("sample-data", help="write a built-in dataset (manifest.csv + images/) to a folder")
     sd.add_argument("out_dir", type=Path)
-    sd.add_argument("--n", type=int, default=1600)
+    sd.add_argument("--dataset", choices=["sample", "digits"], default="sample",
+                    help="sample: procedural porcelain (no split column); digits: scikit-learn's digit scans, "
+                         "few-shot long-tailed, with a split column")
+    sd.add_argument("--n", type=int, default=1600, help="sample only: number of images")
     sd.add_argument("--size", type=int, default=32)
     sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--shots", type=int, default=25, help="digits only: train images of the commonest digit")
+    sd.add_argument("--imbalance", type=float, default=10.0, help="digits only: commonest/rarest train count")
     cfg_p = sub.add_parser("config", help="print the run config's JSON schema or a complete example")
     cfg_p.add_argument("what", choices=["schema", "example"])
     st_p = sub.add_parser("store", help="check a store after killed or failed runs")
@@ -168,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(json_schema(), indent=2) if args.what == "schema" else example_yaml(), end="")
             return 0
         if args.command == "sample-data":
+            if args.dataset == "digits":
+                from porcelain.data.digits import write_digits
+
+                print(write_digits(args.out_dir, size=args.size, shots=args.shots, imbalance=args.imbalance,
+                                   seed=args.seed))
+                return 0
             from porcelain.data.sample import write_sample
 
             print(write_sample(args.out_dir, n=args.n, size=args.size, seed=args.seed))
