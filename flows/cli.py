@@ -118,7 +118,9 @@ def wait_until_recorded(flow_run_id, timeout_s: float = 15.0) -> None:
 def _print_result(result: dict) -> None:
     faith = result.get("faithfulness") or {}
     if faith.get("faithfulness"):
-        print("label faithfulness: " + ", ".join(f"{t} {v:.1%}" for t, v in faith["faithfulness"].items()))
+        print("label faithfulness: " + ", ".join(
+            f"{t} not measurable" if "not_measurable" in v else f"{t} {v['share']:.1%}"
+            for t, v in faith["faithfulness"].items()))
     print(f"report: {result['report']['uri']}")
 
 

@@ -1,4 +1,5 @@
-"""The main flow: ingest → closed-set generator → targeted generation → ratio sweep → report."""
+"""The main flow: ingest → reference classifier, closed-set generator → targeted generation →
+label faithfulness → ratio sweep → report."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from porcelain.config import SAMPLE, RunConfig, config_from_dict
+from porcelain.config import RunConfig, config_from_dict
+from porcelain.data.source import BUILTIN
 from porcelain.generate.targeting import shards_for
 from tasks import stages
 from tasks.policy import retry_options
@@ -20,31 +22,35 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     cfg: RunConfig = config_from_dict(config)
     log = get_run_logger()
     st, rt = cfg.storage, cfg.runtime
-    retry = retry_options(rt)
-    pack_shard, generate = stages.pack_shard.with_options(**retry), stages.generate.with_options(**retry)
-    train_evaluate = stages.train_evaluate.with_options(**retry)
+    retry = retry_options(rt)  # runtime.retries governs every task
+    builtin_data, ingest, pack_shard, plan_generation, train_generator, generate, reference, faithfulness, \
+        train_evaluate, report = (getattr(stages, name).with_options(**retry) for name in (
+            "builtin_data", "ingest", "pack_shard", "plan", "train_generator", "generate", "reference",
+            "faithfulness", "train_evaluate", "report"))
 
-    if cfg.data.manifest == SAMPLE:
-        src = stages.sample_data(cfg.data.sample, st)
+    if cfg.data.manifest in BUILTIN:
+        src = builtin_data(cfg.data, st)
         manifest, root = src["manifest"], src["root"]
     else:
         manifest, root = cfg.data.manifest, cfg.data.root
-    data = stages.ingest(manifest, root, cfg.data, st)
+    data = ingest(manifest, root, cfg.data, st)
     if data["n_quarantined"]:
         log.warning("set aside %d rows in quarantine (%s): see %s", data["n_quarantined"],
                     data["quarantine_reasons"], data["quarantine_key"])
 
-    sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size})
+    ref_size = cfg.reference.image_size or cfg.classifier.image_size
+    sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size, ref_size})
     packs = [pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
              for s in sizes for i in range(data["n_shards"])]
     wait(packs)
     for p in packs:
         p.result()
 
-    plan = stages.plan(data, cfg.sweep, cfg.generation, st)
+    plan = plan_generation(data, cfg.sweep, cfg.generation, st)
+    ref = reference(data, cfg.reference, ref_size, st, rt)
     gen, shards, failed = None, [], []
     if plan["shards"]:
-        gen = stages.train_generator(data, cfg.generator, st, rt)
+        gen = train_generator(data, cfg.generator, st, rt)
         futures = [generate.submit(gen, spec, cfg.generation, st, rt) for spec in plan["shards"]]
         wait(futures)
         for spec, fut in zip(plan["shards"], futures):
@@ -55,7 +61,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         if failed:
             log.error("%d of %d generation shards failed after retries: %s", len(failed), len(futures), failed)
             raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
-    faith = stages.faithfulness(data, shards, cfg.generator.resolution, cfg.faithfulness, st, rt) if shards else None
+    faith = faithfulness(data, shards, ref, cfg.faithfulness, st, rt) if shards else None
 
     runs = []
     for ratio in cfg.sweep.ratios:
@@ -66,7 +72,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     results = [r.result() for r in runs]
 
     summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": gen,
-               "shards": shards, "faithfulness": faith, "runs": results}
-    report = stages.report(summary, st)
-    log.info("report: %s", report["uri"])
-    return {"report": report, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
+               "shards": shards, "reference": ref, "faithfulness": faith, "runs": results}
+    written = report(summary, st)
+    log.info("report: %s", written["uri"])
+    return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}

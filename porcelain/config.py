@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,15 @@ class DataConfig(_Model):
     split_seed: int = 0
     min_images: Annotated[int, Field(ge=1)] = 20
     shard_size: Annotated[int, Field(ge=1, le=100_000)] = 512
+    fold_case: bool = Field(False, description=(
+        "Merge labels of a task that differ only in case ('Ming'/'ming') into the most frequent spelling; "
+        "without it they stay separate classes and a warning names them."))
+    max_megapixels: Annotated[float, Field(gt=0, le=10_000)] = Field(300.0, description=(
+        "Images with more pixels (in millions) are quarantined as too_large. Large JPEGs are decoded at "
+        "reduced size; a file with far more pixels than bytes allow is quarantined as decompression_bomb."))
+    near_duplicate_bits: Annotated[int, Field(ge=0, le=128)] | None = Field(16, description=(
+        "Flag kept images in different splits whose 256-bit perceptual hashes differ in at most this many "
+        "bits (near_duplicate_across_splits in quarantine.csv; they are not dropped); null: don't look."))
     sample: SampleConfig = SampleConfig()
     digits: DigitsConfig = DigitsConfig()
 
@@ -101,33 +111,82 @@ class GenerationConfig(_Model):
 
 
 class ClassifierConfig(_Model):
-    model: str = "mobilenetv3_large_100"
+    """The multi-task classifier of the sweep (one head per task). Training is counted in optimizer
+    steps, the same for every ratio, and keeps the checkpoint with the best mean macro-F1 on the real
+    val split (which never holds synthetic images)."""
+
+    model: str = Field("auto", description="A preset (small_cnn, mobilenetv3_large_100, tiny, …), any timm "
+                       "model name, or 'auto': picked by image size and whether weights are given (the report "
+                       "says what it picked and why).")
     weights: str | None = Field(None, description="Local backbone weights (safetensors preferred); random init when absent.")
-    image_size: Annotated[int, Field(ge=16, le=512)] = 32
-    epochs: Annotated[int, Field(ge=1)] = 8
-    batch_size: Annotated[int, Field(ge=1)] = 64
+    image_size: Annotated[int, Field(ge=8, le=512)] = 32
+    steps: Annotated[int, Field(ge=1)] = Field(
+        600, description="Optimizer steps of every run, whatever its ratio (so that more synthetic images never "
+        "mean more training).")
+    epochs: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Convenience: when set, steps = max(min_steps, epochs × real train images / batch_size); "
+        "counted over the real images, so every ratio still trains the same number of steps.")
+    min_steps: Annotated[int, Field(ge=1)] = Field(300, description="Floor of the step budget derived from epochs.")
+    batch_size: Annotated[int, Field(ge=2)] = 64
     lr: Annotated[float, Field(gt=0, le=1.0)] = 2e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    beta: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    beta: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.999, description="Effective-number β of the class weights; weights come from the real train counts only.")
     use_sampler: bool = True
     class_weighted_loss: bool = True
     augment: bool = True
+    eval_every: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Evaluate on val every this many steps (default: about 20 times per run).")
+    patience: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Stop after this many evaluations without a better val score (default: never).")
     save_weights: bool = Field(False, description="Also store each trained classifier (safetensors).")
+
+    def budget(self, n_real_train: int) -> int:
+        """The optimizer steps of one run: ``steps``, or the ``epochs`` conversion over the real images."""
+        if self.epochs is None:
+            return self.steps
+        return max(self.min_steps, math.ceil(self.epochs * n_real_train / self.batch_size))
 
 
 class SweepConfig(_Model):
-    ratios: list[str] = ["100:0", "95:5", "90:10"]
+    """Which real:synthetic mixes to train, and with which seeds. The real-only run (0 synthetic) is
+    always the baseline and is added when missing."""
+
+    ratios: list[str] = Field(
+        ["100:0", "90:10", "70:30", "50:50", "20:80"],
+        description="REAL:SYNTHETIC shares of the training set, e.g. 90:10; 1:2 means two synthetic images per real one.")
+    synthetic_per_real: list[Annotated[float, Field(gt=0, le=100)]] | None = Field(
+        None, description="Alternative to ratios for small real sets: synthetic images per real image "
+        "(e.g. [0.5, 1, 2, 4]); written as ratios 1:0.5, 1:1, … beside the real-only baseline.")
     seeds: list[int] = [0, 1, 2]
+    learned_margin: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="A task whose real-only test macro-F1 is not at least this far above chance gets "
+        "'classifier did not learn this task' instead of a verdict.")
+    bootstrap: Annotated[int, Field(ge=100, le=100_000)] = Field(
+        2000, description="Replicates of the paired bootstrap (over seeds and test images) behind every interval.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_real(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("synthetic_per_real"):
+            if "ratios" in data:
+                raise ValueError("give either sweep.ratios or sweep.synthetic_per_real, not both")
+            data = {**data, "ratios": ["100:0"] + [f"1:{x:g}" for x in data["synthetic_per_real"]]}
+        return data
 
     @field_validator("ratios")
     @classmethod
     def _check_ratios(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one ratio is needed")
+        seen: dict[float, str] = {}
         for r in v:
-            parse_ratio(r)
-        if len(set(v)) != len(v):
-            raise ValueError("ratios must be distinct")
+            f = round(parse_ratio(r), 9)
+            if f in seen:
+                raise ValueError(f"ratios {seen[f]!r} and {r!r} are the same mix: each ratio must be distinct")
+            seen[f] = r
+        if 0.0 not in seen:  # the baseline every verdict is measured against
+            v = ["100:0", *v]
         return v
 
     @field_validator("seeds")
@@ -137,16 +196,53 @@ class SweepConfig(_Model):
             raise ValueError("seeds must be a non-empty list of distinct integers")
         return v
 
+    @property
+    def baseline(self) -> str:
+        """The real-only ratio: the one with no synthetic images."""
+        return next(r for r in self.ratios if parse_ratio(r) == 0.0)
+
     def synthetic_fractions(self) -> list[float]:
         return [parse_ratio(r) for r in self.ratios]
 
 
+class ReferenceConfig(_Model):
+    """The reference classifier: trained once per dataset on real images only, validated on the real
+    test split, stored with a card. It judges label faithfulness (and later gives saliency maps)."""
+
+    model: str = Field("auto", description="As classifier.model.")
+    weights: str | None = None
+    image_size: Annotated[int, Field(ge=8, le=512)] | None = Field(None, description="Default: classifier.image_size.")
+    train_on: Literal["val", "train+val"] = Field(
+        "val", description="'val': real images the generator never saw, so a copy of a training image is judged "
+        "like any other image; 'train+val' when val is too small. A slice of val is always held out for early stopping.")
+    holdout: Annotated[float, Field(gt=0, lt=0.9)] = Field(0.25, description="Share of val held out for early stopping.")
+    steps: Annotated[int, Field(ge=1)] = 1500
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    lr: Annotated[float, Field(gt=0, le=1.0)] = 2e-3
+    eval_every: Annotated[int, Field(ge=1)] | None = None
+    patience: Annotated[int, Field(ge=1)] | None = Field(8, description="Evaluations without improvement before stopping.")
+    floor: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.8, description="Below this balanced accuracy on real test images, the reference cannot judge a task: "
+        "its faithfulness is reported as not measurable.")
+    seed: int = 0
+
+
 class FaithfulnessConfig(_Model):
-    epochs: Annotated[int, Field(ge=1)] = Field(
-        10, description="Judge training epochs. At 6 the demo's judge was under-trained (type 96.7% on real "
-        "test images, 100% at 10) and called generated images wrong that a 10-epoch judge accepted.")
-    threshold: Annotated[float, Field(ge=0, le=1)] = 0.9
-    images_per_combination: Annotated[int, Field(ge=1)] = 8
+    """Label faithfulness of generated images, judged by the reference classifier."""
+
+    threshold: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.9, description="Target share of generated images the reference assigns to their intended value; the "
+        "report marks each measurable task as meeting it or not.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = sorted(set(data) & {"epochs", "images_per_combination"})
+            if old:
+                raise ValueError(f"faithfulness.{old[0]} was removed: the judge is now the reference classifier; "
+                                 "set its training under `reference:` (steps, patience) and delete this key")
+        return data
 
 
 class RuntimeConfig(_Model):
@@ -170,6 +266,7 @@ class RunConfig(_Model):
     generation: GenerationConfig = GenerationConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     sweep: SweepConfig = SweepConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

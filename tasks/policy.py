@@ -19,13 +19,18 @@ def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{stable_hash({'params': content, 'code': code_version()}, 32)}"
 
 
+# A ValueError or TypeError comes from a wrong value or argument, i.e. from configuration or a bug:
+# the same inputs fail the same way, so retrying only delays the message.
+DETERMINISTIC = (*NOT_RETRYABLE, ValueError, TypeError)
+
+
 def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
     """Retry transient failures (storage, network, OOM); a data or config error fails at once."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception:  # the failure itself could not be read back: be safe and retry
         return True
-    return not isinstance(exc, NOT_RETRYABLE)
+    return not isinstance(exc, DETERMINISTIC)
 
 
 TASK_DEFAULTS: dict[str, Any] = dict(

@@ -13,14 +13,15 @@ from porcelain.config import (
     FaithfulnessConfig,
     GenerationConfig,
     GeneratorConfig,
+    ReferenceConfig,
     RuntimeConfig,
-    SampleConfig,
     StorageConfig,
     SweepConfig,
 )
 from porcelain.data.ingest import default_root, fingerprint, ingest_dataset, pack_data_shard
-from porcelain.data.source import materialize_sample
+from porcelain.data.source import materialize_builtin
 from porcelain.evaluate.judging import measure_faithfulness
+from porcelain.evaluate.reference import train_reference
 from porcelain.generate.shards import generate_shard
 from porcelain.generate.targeting import plan_generation
 from porcelain.report.build import build_report
@@ -34,9 +35,9 @@ def _store(storage: StorageConfig) -> Store:
     return Store(storage.url, storage.storage_options())
 
 
-@task(name="sample-data", task_run_name="sample-data", **TASK_DEFAULTS)
-def sample_data(sample: SampleConfig, storage: StorageConfig) -> dict[str, str]:
-    return materialize_sample(_store(storage), sample.n, sample.size, sample.seed)
+@task(name="builtin-data", task_run_name="builtin-data-{data.manifest}", **TASK_DEFAULTS)
+def builtin_data(data: DataConfig, storage: StorageConfig) -> dict[str, str]:
+    return materialize_builtin(_store(storage), data)
 
 
 def _ingest_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -78,10 +79,16 @@ def generate(gen: dict[str, Any], spec: dict[str, Any], generation: GenerationCo
     return generate_shard(_store(storage), gen, spec, generation, runtime)
 
 
+@task(name="reference-classifier", task_run_name="reference-classifier", **TASK_DEFAULTS)
+def reference(data: dict[str, Any], cfg: ReferenceConfig, image_size: int, storage: StorageConfig,
+              runtime: RuntimeConfig) -> dict[str, Any]:
+    return train_reference(_store(storage), data, cfg, image_size, runtime)
+
+
 @task(name="label-faithfulness", task_run_name="label-faithfulness", **TASK_DEFAULTS)
-def faithfulness(data: dict[str, Any], shards: list[dict[str, Any]], size: int, cfg: FaithfulnessConfig,
-                 storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    return measure_faithfulness(_store(storage), data, shards, size, cfg, runtime)
+def faithfulness(data: dict[str, Any], shards: list[dict[str, Any]], reference: dict[str, Any],
+                 cfg: FaithfulnessConfig, storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return measure_faithfulness(_store(storage), data, shards, reference, cfg, runtime)
 
 
 @task(name="train-evaluate", task_run_name="train-{ratio}-seed{seed}", **TASK_DEFAULTS)

@@ -14,9 +14,9 @@ def tiny_config(storage_url: str, **overrides) -> dict:
         "storage": {"url": storage_url},
         "generator": {"preset": "tiny", "resolution": 32, "train_steps": 40, "batch_size": 16},
         "generation": {"steps": 4, "shard_size": 8, "batch_size": 16, "grid_per_combination": 2},
-        "classifier": {"model": "tiny", "image_size": 32, "epochs": 1, "batch_size": 32},
+        "classifier": {"model": "small_cnn", "image_size": 32, "steps": 12, "batch_size": 32, "eval_every": 4},
         "sweep": {"ratios": ["100:0", "80:20"], "seeds": [0, 1]},
-        "faithfulness": {"epochs": 1},
+        "reference": {"model": "small_cnn", "steps": 12, "batch_size": 32, "eval_every": 4},
         "runtime": {"retries": 1, "retry_delay_seconds": 0, "threads": 1},
     }
     for section, values in overrides.items():
@@ -46,8 +46,8 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return asyncio.run(read())
 
 
-STAGE_FUNCTIONS = ("materialize_sample", "ingest_dataset", "pack_data_shard", "train_closed_set", "plan_generation", "generate_shard",
-                   "measure_faithfulness", "train_and_evaluate", "build_report")
+STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "train_reference", "train_closed_set",
+                   "plan_generation", "generate_shard", "measure_faithfulness", "train_and_evaluate", "build_report")
 
 
 def run_flow(cfg_dict, expect_success: bool = True):

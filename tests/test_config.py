@@ -28,9 +28,9 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_out_of_range_values_are_reported_together():
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"generation": {"guidance": -1}, "classifier": {"epochs": 0}})
+        config_from_dict({"generation": {"guidance": -1}, "classifier": {"steps": 0}})
     msg = str(e.value)
-    assert "generation.guidance" in msg and "classifier.epochs" in msg
+    assert "generation.guidance" in msg and "classifier.steps" in msg
 
 
 def test_invalid_yaml_gives_line(tmp_path):
@@ -66,6 +66,39 @@ def test_bad_ratios_rejected(bad):
 
 def test_section_hash_depends_only_on_its_sections():
     a = RunConfig()
-    b = config_from_dict({"classifier": {"epochs": 3}})
+    b = config_from_dict({"classifier": {"steps": 3}})
     assert a.section_hash("generator") == b.section_hash("generator")
     assert a.section_hash("classifier") != b.section_hash("classifier")
+
+
+def test_the_baseline_is_the_real_only_run_and_is_added_when_missing():
+    cfg = config_from_dict({"sweep": {"ratios": ["90:10", "50:50"]}})
+    assert cfg.sweep.ratios == ["100:0", "90:10", "50:50"] and cfg.sweep.baseline == "100:0"
+    # listed second, still the baseline (the report used ratios[0] before)
+    assert config_from_dict({"sweep": {"ratios": ["90:10", "100:0"]}}).sweep.baseline == "100:0"
+
+
+def test_duplicate_ratios_by_value_are_an_error():
+    with pytest.raises(ConfigError, match=r"sweep.ratios.*'90:10' and '9:1' are the same mix"):
+        config_from_dict({"sweep": {"ratios": ["100:0", "90:10", "9:1"]}})
+
+
+def test_synthetic_per_real_becomes_ratios():
+    cfg = config_from_dict({"sweep": {"synthetic_per_real": [0.5, 1, 2, 4]}})
+    assert cfg.sweep.ratios == ["100:0", "1:0.5", "1:1", "1:2", "1:4"]
+    assert cfg.sweep.synthetic_fractions()[-1] == pytest.approx(0.8)
+    with pytest.raises(ConfigError, match="either sweep.ratios or sweep.synthetic_per_real"):
+        config_from_dict({"sweep": {"ratios": ["100:0"], "synthetic_per_real": [1]}})
+
+
+def test_step_budget_is_the_same_for_every_ratio_and_floored_when_given_in_epochs():
+    c = config_from_dict({"classifier": {"steps": 700}}).classifier
+    assert c.budget(97) == c.budget(5000) == 700
+    e = config_from_dict({"classifier": {"epochs": 6, "batch_size": 64, "min_steps": 300}}).classifier
+    assert e.budget(97) == 300  # 6 epochs of 97 images would be 10 steps: the floor holds
+    assert e.budget(6400) == 600
+
+
+def test_removed_judge_keys_say_how_to_rewrite():
+    with pytest.raises(ConfigError, match=r"faithfulness.epochs was removed.*reference"):
+        config_from_dict({"faithfulness": {"epochs": 10}})

@@ -27,7 +27,9 @@ def test_flow_produces_report_and_metrics(first_run):
     assert {f"{report_dir}/{n}" for n in ("macro_f1.png", "imbalance.png", "samples.png", "results.csv")} <= set(store.list(report_dir))
     faith = result["faithfulness"]
     assert set(faith["faithfulness"]) == {"dynasty", "kiln", "glaze", "type"}
-    assert all(0.0 <= v <= 1.0 for v in faith["faithfulness"].values())
+    for f in faith["faithfulness"].values():
+        assert 0.0 <= f["low"] <= f["share"] <= f["high"] <= 1.0 and f["n"] == faith["n_images"]
+    assert {"generated_median", "test_median", "near_copy_share"} <= set(faith["memorisation"])
     # every task ran and completed once on the first run
     assert all(s == ["Completed"] or set(s) == {"Completed"} for s in states.values()), states
     assert len(states["train-80:20-seed0"]) == 1 and "train-100:0-seed1" in states
@@ -35,6 +37,20 @@ def test_flow_produces_report_and_metrics(first_run):
     shard_keys = [k for k in store.list("synthetic") if k.endswith(".json")]
     prov = store.read_json(shard_keys[0])["provenance"]
     assert {"combination", "seed", "model_sha256", "steps", "guidance"} <= set(prov)
+
+
+def test_sweep_runs_train_on_their_synthetic_images_for_equal_steps(first_run):
+    cfg, result, _ = first_run
+    store = Store(cfg["storage"]["url"])
+    runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
+    by = {(r["ratio"], r["seed"]): r for r in runs}
+    base, mixed = by[("100:0", 0)], by[("80:20", 0)]
+    assert base["n_synthetic"] == 0 and base["n_real"] == mixed["n_real"]
+    # 80:20 of the real train images: a synthetic share of 20% of the training set
+    assert mixed["n_synthetic"] == round(mixed["n_real"] * 0.2 / 0.8)
+    assert {r["steps"] for r in runs} == {12} and all(1 <= r["selected_step"] <= 12 for r in runs)
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## Training budget" in md and "## Verdict" in md
 
 
 def test_second_run_executes_no_task_body(first_run, body_calls):

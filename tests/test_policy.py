@@ -12,7 +12,9 @@ def _state(exc):
 
 
 @pytest.mark.parametrize("exc", [DataError("bad"), ConfigError("bad"), WeightsError("bad"),
-                                 NonFiniteLossError("stage", 3, float("nan"))])
+                                 NonFiniteLossError("stage", 3, float("nan")),
+                                 TypeError("UNet2DModel got an unexpected keyword 'atention'"),
+                                 ValueError("patch_size 3 does not divide resolution 32")])
 def test_deterministic_errors_are_not_retried(exc):
     assert retry_unless_deterministic(None, None, _state(exc)) is False
 

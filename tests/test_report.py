@@ -1,58 +1,86 @@
 import csv
 import io
-import math
 
-import pytest
+import numpy as np
+from safetensors.numpy import save as st_save
 
 from porcelain.config import config_from_dict
-from porcelain.report.build import aggregate, build_report
+from porcelain.data.ingest import packed_key
+from porcelain.report.build import aggregate, build_report, fairness
 from porcelain.storage import Store
 
 EVIL = "=HYPERLINK(\"http://x\",\"y\")"
+TASKS = ["glaze", EVIL]
+N_TEST = 200
 
 
-def _metrics(f1: float) -> dict:
-    return {"per_task": {t: {"accuracy": f1, "macro_f1": f1, "minority_macro_f1": f1 - 0.1} for t in ("glaze", EVIL)}}
+def _target() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 2, size=(N_TEST, len(TASKS))).astype(np.int64)
 
 
-def _summary(ratios=("100:0", "90:10"), seeds=(0, 1, 2)) -> dict:
-    cfg = config_from_dict({"sweep": {"ratios": list(ratios), "seeds": list(seeds)}, "name": "@evil"})
-    runs = [{"ratio": r, "seed": s, "metrics": _metrics(0.5 + 0.1 * i + 0.01 * s)}
-            for i, r in enumerate(ratios) for s in seeds]
-    tasks = ["glaze", EVIL]
+def _preds(accuracy: float, seed: int) -> dict[str, list[int]]:
+    """Predictions right on the first ``accuracy`` share of the test images (a little seed noise)."""
+    y, rng = _target(), np.random.default_rng(100 + seed)
+    out = {}
+    for t, task in enumerate(TASKS):
+        p = y[:, t].copy()
+        k = int(accuracy * N_TEST) + int(rng.integers(-2, 3))
+        p[k:] = 1 - p[k:]
+        out[task] = p.tolist()
+    return out
+
+
+def _summary(store: Store, ratios=("100:0", "90:10"), seeds=(0, 1, 2), acc=(0.6, 0.9), steps=(50, 50)) -> dict:
+    cfg = config_from_dict({"sweep": {"ratios": list(ratios), "seeds": list(seeds), "bootstrap": 500},
+                            "name": "@evil", "classifier": {"image_size": 8}})
+    y = _target()
+    store.write_bytes(packed_key("d" * 16, 8, 0, 1), st_save(
+        {"images": np.zeros((N_TEST, 8, 8, 3), np.uint8), "labels": y, "split": np.full(N_TEST, 2, np.uint8)}))
+    runs = []
+    for i, r in enumerate(ratios):
+        for s in seeds:
+            key = f"run-{i}-{s}"
+            p = _preds(acc[i], s)
+            store.write_json(f"runs/{key}/predictions.json", {"tasks": TASKS, "test": p})
+            metrics = {"per_task": {t: {"accuracy": 0.5, "macro_f1": acc[i], "minority_macro_f1": acc[i],
+                                        "per_class_f1": [acc[i], acc[i]], "support": [100, 100],
+                                        "train_counts": [9, 3]} for t in TASKS}}
+            runs.append({"key": key, "ratio": r, "seed": s, "metrics": metrics, "predictions": f"runs/{key}/predictions.json",
+                         "n_real": 12, "n_synthetic": 0 if r == "100:0" else 2, "steps": steps[i], "selected_step": 40,
+                         "best_val_macro_f1": 0.5, "model": "small_cnn", "model_reason": "small images", "seconds": 1.0})
     return {
         "config": cfg.model_dump(mode="json"),
-        "data": {"data_hash": "d" * 16, "tasks": tasks, "classes": {t: ["a", "b"] for t in tasks},
-                 "counts": {"train": 10, "val": 2, "test": 3}, "n_quarantined": 1,
+        "data": {"data_hash": "d" * 16, "tasks": TASKS, "classes": {t: ["a", "b"] for t in TASKS},
+                 "counts": {"train": 12, "val": 2, "test": N_TEST}, "n_quarantined": 1,
                  "quarantine_reasons": {"not_an_image": 1}, "quarantine_key": "datasets/x/quarantine.csv",
-                 "n_shards": 1},
-        "plan": {"real_train": 10, "imbalance_before": {t: 5.0 for t in tasks},
-                 "ratios": {r: {"synthetic": 0 if r == "100:0" else 1, "imbalance": {t: 4.0 for t in tasks}} for r in ratios}},
+                 "n_shards": 1, "train_counts": [[9, 3], [9, 3]]},
+        "plan": {"real_train": 12, "imbalance_before": {t: 3.0 for t in TASKS}, "targeted_without_test": [[1, 1]],
+                 "ratios": {r: {"synthetic": 0 if r == "100:0" else 2, "imbalance": {t: 2.0 for t in TASKS}} for r in ratios}},
         "generator": None, "shards": [], "faithfulness": None, "runs": runs,
     }
 
 
-def test_aggregate_gives_paired_delta_with_the_right_sign():
-    s = _summary()
-    agg = aggregate(s["runs"], s["data"]["tasks"], ["100:0", "90:10"])
-    mean, lo, hi = agg["delta"]["macro_f1"]["90:10"]["glaze"]
-    assert mean == pytest.approx(0.1)
-    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # identical per-seed gains: zero width
-    m, lo1, hi1 = agg["stats"]["macro_f1"]["100:0"]["glaze"]
-    assert lo1 < m < hi1
-
-
-def test_one_seed_has_no_interval():
-    s = _summary(seeds=(0,))
-    agg = aggregate(s["runs"], s["data"]["tasks"], ["100:0", "90:10"])
-    assert math.isnan(agg["stats"]["macro_f1"]["90:10"]["glaze"][1])
-
-
-def test_report_files_escape_formula_cells(tmp_path):
+def test_paired_bootstrap_delta_has_the_right_sign_and_bounded_intervals(tmp_path):
     store = Store(str(tmp_path))
-    out = build_report(store, _summary())
+    s = _summary(store)
+    preds = {r["key"]: {t: np.asarray(v) for t, v in store.read_json(r["predictions"])["test"].items()} for r in s["runs"]}
+    agg = aggregate(s["runs"], TASKS, ["100:0", "90:10"], _target(), preds, [2, 2], [[9, 3], [9, 3]], n_boot=500)
+    d = agg["delta"]["macro_f1"]["90:10"]["glaze"]
+    assert d["delta"] > 0.2 and 0 < d["low"] <= d["delta"] <= d["high"]
+    for r in ("100:0", "90:10"):
+        m, lo, hi = agg["stats"]["accuracy"][r]["glaze"]
+        assert 0.0 <= lo <= m <= hi <= 1.0
+
+
+def test_report_gives_verdicts_and_escapes_formula_cells(tmp_path):
+    store = Store(str(tmp_path))
+    out = build_report(store, _summary(store))
     md = store.read_bytes(out["report"]).decode()
-    assert "better (CI above 0)" in md
+    assert "| 90:10 | glaze |" in md and "| better |" in md
+    assert "Synthetic images helped (interval above 0): glaze (90:10), '" + EVIL + " (90:10)" in md
+    assert "| detectable |" in md and "## Training budget" in md
+    assert "**no test image**" in md
     assert f"| 90:10 | '{EVIL} |" in md and f"| {EVIL}" not in md
     assert "# porcelain report — '@evil" in md
     rows = list(csv.reader(io.StringIO(store.read_bytes(f"{out['key']}/results.csv").decode())))
@@ -61,3 +89,21 @@ def test_report_files_escape_formula_cells(tmp_path):
     assert f"'{EVIL}" in cells
     for name in ("macro_f1.png", "imbalance.png", "minority_macro_f1.png"):
         assert store.read_bytes(f"{out['key']}/{name}").startswith(b"\x89PNG")
+
+
+def test_unequal_training_budgets_get_no_verdict(tmp_path):
+    store = Store(str(tmp_path))
+    s = _summary(store, steps=(6, 18))  # more synthetic images once meant more optimizer steps
+    assert fairness(s["runs"]) and "different numbers of optimizer steps" in fairness(s["runs"])[0]
+    md = store.read_bytes(build_report(store, s)["report"]).decode()
+    assert "**The comparison is confounded**" in md
+    table = md.split("## Does synthetic data help?")[1].split("## ")[0]
+    assert "| better |" not in table and "not compared: the runs are not comparable" in table
+
+
+def test_the_baseline_is_the_real_only_run_wherever_it_is_listed(tmp_path):
+    store = Store(str(tmp_path))
+    s = _summary(store, ratios=("90:10", "100:0"), acc=(0.9, 0.6))
+    md = store.read_bytes(build_report(store, s)["report"]).decode()
+    assert "against the real-only baseline (100:0)" in md
+    assert "| 90:10 | glaze | +0.3" in md

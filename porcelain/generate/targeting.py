@@ -45,12 +45,17 @@ def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg:
             "imbalance": {t: imbalance_ratio(after[i]) for i, t in enumerate(tasks)},
         }
     shards = plan_shards([decode_alloc(r["alloc"]) for r in ratios.values()], cfg.shard_size, cfg.seed)
+    # Targeted combinations are the rarest ones, often with no test image at all: per-combination
+    # gains there cannot be measured, and the report says so.
+    test = {tuple(classes[t].index(r["labels"][t]) for t in tasks) for r in meta["records"] if r["split"] == "test"}
+    targeted = sorted({tuple(s.combo) for s in shards})
     return {
         "real_train": len(train),
         "combinations": [[list(c), n] for c, n in counts.items()],
         "imbalance_before": {t: imbalance_ratio(real_counts[i]) for i, t in enumerate(tasks)},
         "ratios": ratios,
         "shards": [s.to_dict() for s in shards],
+        "targeted_without_test": [list(c) for c in targeted if c not in test],
     }
 
 

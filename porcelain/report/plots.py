@@ -30,13 +30,15 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[np.ndar
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
+            # Real images are right-aligned against the generated ones: rare combinations have fewer
+            # real images than slots, and left-aligned they left a wide empty band between the two.
             src = real if c < per_side else syn
-            i = c if c < per_side else c - per_side
-            if i < len(src):
+            i = c - (per_side - min(len(real), per_side)) if c < per_side else c - per_side
+            if 0 <= i < len(src):
                 ax.imshow(src[i], interpolation="nearest")
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     if rows:
-        axes[0][0].set_title("real", fontsize=8, loc="left")
+        axes[0][per_side - 1].set_title("real", fontsize=8, loc="right")
         axes[0][per_side].set_title("generated", fontsize=8, loc="left")
     fig.subplots_adjust(wspace=0.05, hspace=0.08)
     return _png(fig)

@@ -14,7 +14,7 @@ from porcelain.evaluate.metrics import evaluate_predictions
 from porcelain.generate.shards import load_synthetic
 from porcelain.generate.targeting import decode_alloc
 from porcelain.hashing import code_version, stable_hash
-from porcelain.models.classifier import create_classifier
+from porcelain.models.classifier import create_classifier, resolve_classifier
 from porcelain.models.weights import weights_bytes
 from porcelain.progress import LogProgress
 from porcelain.runtime import apply_runtime
@@ -31,7 +31,10 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
                        cfg: ClassifierConfig, runtime: RuntimeConfig) -> dict[str, Any]:
     """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0).
 
-    Up to ``runtime.workers`` of these run at once and share the CPU threads.
+    Every run trains ``cfg.budget(real train images)`` optimizer steps, whatever its ratio, with class
+    weights and sampler weights from the *real* train counts, and keeps the checkpoint with the best
+    mean macro-F1 on the real val split. Its test predictions are stored beside its metrics, for the
+    report's paired bootstrap. Up to ``runtime.workers`` of these run at once and share the CPU threads.
     """
     apply_runtime(runtime, concurrent=runtime.workers)
     key = run_key(data["data_hash"], ratio, seed, synthetic, cfg)
@@ -46,31 +49,40 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
          cfg: ClassifierConfig, runtime: RuntimeConfig, key: str) -> dict[str, Any]:
     tasks = data["tasks"]
     num_classes = [len(data["classes"][t]) for t in tasks]
-    size, n_shards = cfg.image_size, data["n_shards"]
-    real_x, real_y = load_split(store, data["data_hash"], size, n_shards, "train")
+    size, n_shards, h = cfg.image_size, data["n_shards"], data["data_hash"]
+    real_x, real_y = load_split(store, h, size, n_shards, "train")
     alloc = decode_alloc(synthetic.get("alloc", []))
     syn_x, syn_y = load_synthetic(store, synthetic.get("shards", []), alloc, size)
     if len(syn_x):
         x, y = np.concatenate([real_x, syn_x]), np.concatenate([real_y, syn_y])
     else:
         x, y = real_x, real_y
-    counts = [np.bincount(y[:, t], minlength=n).tolist() for t, n in enumerate(num_classes)]
-    model = create_classifier(cfg.model, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights, seed=seed)
+    val = load_split(store, h, size, n_shards, "val")
+    name, why = resolve_classifier(cfg.model, size, cfg.weights is not None)
+    model = create_classifier(name, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights, seed=seed)
+    budget = cfg.budget(len(real_x))
     start = time.monotonic()
     model, history = train_classifier(
-        model, x, y, tasks, counts=counts, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        model, x, y, tasks, counts=data["train_counts"], steps=budget, batch_size=cfg.batch_size, lr=cfg.lr,
         weight_decay=cfg.weight_decay, beta=cfg.beta, use_sampler=cfg.use_sampler,
         class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, seed=seed,
-        device=runtime.device, dtype=runtime.dtype, progress=LogProgress(f"classifier {ratio} seed {seed}"),
+        device=runtime.device, dtype=runtime.dtype, val=val if len(val[0]) else None,
+        eval_every=cfg.eval_every, patience=cfg.patience, progress=LogProgress(f"classifier {ratio} seed {seed}"),
     )
     seconds = time.monotonic() - start
-    test_x, test_y = load_split(store, data["data_hash"], size, n_shards, "test")
+    test_x, test_y = load_split(store, h, size, n_shards, "test")
     preds = predict(model, test_x, batch_size=cfg.batch_size * 2, device=runtime.device, dtype=runtime.dtype)
     metrics = evaluate_predictions(preds, test_y, tasks, num_classes, data["train_counts"])
+    predictions = store.write_json(f"runs/{key}/predictions.json",
+                                   {"tasks": tasks, "test": {t: p.tolist() for t, p in zip(tasks, preds)}})
     result = {
-        "key": key, "ratio": ratio, "seed": seed, "metrics": metrics,
+        "key": key, "ratio": ratio, "seed": seed, "metrics": metrics, "predictions": predictions,
+        "model": name, "model_reason": why,
         "n_real": int(len(real_x)), "n_synthetic": int(len(syn_x)), "n_test": int(len(test_x)),
-        "seconds": round(seconds, 1), "final_loss": (history.get("loss") or [None])[-1],
+        "n_val": int(len(val[0])), "budget": budget, "steps": history["steps"],
+        "selected_step": history["selected_step"], "best_val_macro_f1": history["best_val_macro_f1"],
+        "stopped_early": history["stopped_early"],
+        "seconds": round(seconds, 1), "final_loss": (history.get("step_loss") or [None])[-1],
     }
     if cfg.save_weights:
         result["weights"] = store.write_bytes(f"runs/{key}/classifier.safetensors", weights_bytes(model.state_dict()))

@@ -1,0 +1,195 @@
+"""The reference classifier, label faithfulness, memorisation and the report's refusal to give verdicts
+it cannot back, on a small real dataset (the digits scans at 16 px) without Prefect."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from porcelain.config import (
+    ClassifierConfig,
+    DataConfig,
+    FaithfulnessConfig,
+    GenerationConfig,
+    ReferenceConfig,
+    RuntimeConfig,
+    config_from_dict,
+)
+from porcelain.data.images import encode_png
+from porcelain.data.ingest import ingest_dataset, load_split, pack_data_shard
+from porcelain.data.source import materialize_builtin
+from porcelain.evaluate.judging import measure_faithfulness, memorisation
+from porcelain.evaluate.reference import holdout_mask, load_reference, train_reference
+from porcelain.generate.targeting import plan_generation
+from porcelain.report.build import build_report, chance_macro_f1
+from porcelain.storage import Store
+from porcelain.train.sweep import train_and_evaluate
+
+SIZE = 16
+RT = RuntimeConfig(device="cpu", threads=1)
+REF = ReferenceConfig(model="small_cnn", steps=150, eval_every=25, patience=None)
+CLS = ClassifierConfig(model="small_cnn", image_size=SIZE, steps=120, eval_every=30)
+
+
+def _dataset(root, scramble: bool) -> tuple[Store, dict]:
+    """The digits set in a store; with ``scramble``, the labels of every row are those of another row."""
+    store = Store(str(root))
+    src = materialize_builtin(store, DataConfig(manifest="digits", digits={"size": SIZE, "shots": 12}))
+    manifest = src["manifest"]
+    if scramble:
+        text = store.read_bytes(manifest.removeprefix(store.root + "/")).decode()
+        rows = list(csv.DictReader(io.StringIO(text)))
+        perm = np.random.default_rng(0).permutation(len(rows))
+        tasks = ("digit", "loops", "parity")
+        shuffled = [{**r, **{t: rows[int(j)][t] for t in tasks}} for r, j in zip(rows, perm)]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(shuffled)
+        manifest = store.uri(manifest.removeprefix(store.root + "/").replace("manifest.csv", "scrambled.csv"))
+        store.write_bytes(manifest.removeprefix(store.root + "/"), buf.getvalue().encode())
+    data = ingest_dataset(store, manifest, src["root"], min_images=10)
+    for i in range(data["n_shards"]):
+        pack_data_shard(store, data["data_hash"], i, data["n_shards"], SIZE)
+    return store, data
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    store, data = _dataset(tmp_path_factory.mktemp("real"), scramble=False)
+    return store, data, train_reference(store, data, REF, SIZE, RT)
+
+
+@pytest.fixture(scope="module")
+def scrambled(tmp_path_factory):
+    store, data = _dataset(tmp_path_factory.mktemp("scrambled"), scramble=True)
+    return store, data, train_reference(store, data, REF, SIZE, RT)
+
+
+def _fake_shard(store: Store, combo: list[int], images: np.ndarray, start: int = 0) -> dict:
+    """A shard manifest holding the given images as if generated for ``combo``."""
+    objects = [store.put_object(encode_png(im), "png") for im in images]
+    key = f"synthetic/test/shards/{'-'.join(map(str, combo))}-{start}.json"
+    store.write_json(key, {"images": [{"key": k, "index": start + i} for i, k in enumerate(objects)],
+                           "provenance": {"combo": combo}})
+    return {"key": key, "n": len(objects), "combo": combo, "start": start}
+
+
+def _shards_of(store: Store, data: dict, split: str) -> list[dict]:
+    x, y = load_split(store, data["data_hash"], SIZE, data["n_shards"], split)
+    shards = []
+    for combo in sorted({tuple(r) for r in y.tolist()}):
+        m = np.all(y == np.asarray(combo), axis=1)
+        shards.append(_fake_shard(store, list(combo), x[m][:6]))
+    return shards
+
+
+def test_holdout_takes_a_share_of_every_combination_with_two_or_more_images():
+    labels = np.array([[0]] * 8 + [[1]] * 2 + [[2]])
+    m = holdout_mask(labels, 0.25, seed=0)
+    assert m[:8].sum() == 2 and m[8:10].sum() == 1 and not m[10]
+    assert (holdout_mask(labels, 0.25, seed=0) == m).all()
+
+
+def test_reference_is_validated_stored_and_reloads(real):
+    store, data, card = real
+    assert card["trained_on"] == "val" and card["n_fit"] + card["n_stop"] == data["counts"]["val"]
+    assert 1 <= card["selected_step"] <= card["steps"] <= 150
+    for task in ("digit", "loops", "parity"):
+        t = card["test"][task]
+        assert t["usable"] and t["balanced_accuracy"] >= 0.8, (task, t)
+        assert sum(t["support"].values()) == data["counts"]["test"]
+    model = load_reference(store, card)
+    from porcelain.train.classifier import predict
+
+    x, y = load_split(store, data["data_hash"], SIZE, data["n_shards"], "test")
+    acc = float((predict(model, x)[0] == y[:, 0]).mean())
+    assert acc == pytest.approx(card["test"]["digit"]["accuracy"])
+
+
+def test_faithfulness_of_real_images_is_high_and_of_mislabelled_ones_low(real):
+    store, data, card = real
+    shards = _shards_of(store, data, "test")
+    good = measure_faithfulness(store, data, shards, card, FaithfulnessConfig(threshold=0.8), RT)
+    assert good["faithfulness"]["digit"]["share"] >= 0.8 and good["passed"] is True
+    f = good["faithfulness"]["digit"]
+    assert 0 <= f["low"] < f["share"] < f["high"] <= 1 and f["n"] == good["n_images"]
+    # the same images "generated" for the next digit: the reference disagrees
+    x, y = load_split(store, data["data_hash"], SIZE, data["n_shards"], "test")
+    wrong = []
+    for i, combo in enumerate(sorted({tuple(r) for r in y.tolist()})):
+        m = np.all(y == np.asarray(combo), axis=1)
+        wrong.append(_fake_shard(store, [(combo[0] + 1) % 10, combo[1], combo[2]], x[m][:6], start=200 + 10 * i))
+    bad = measure_faithfulness(store, data, wrong, card, FaithfulnessConfig(), RT)
+    assert bad["faithfulness"]["digit"]["share"] <= 0.2 and bad["passed"] is False
+
+
+def test_a_reference_trained_on_scrambled_labels_is_not_measurable(scrambled):
+    store, data, card = scrambled
+    assert not any(card["test"][t]["usable"] for t in ("digit", "loops", "parity")), card["test"]
+    faith = measure_faithfulness(store, data, _shards_of(store, data, "test"), card, FaithfulnessConfig(), RT)
+    for t in ("digit", "loops", "parity"):
+        assert "below the floor" in faith["faithfulness"][t]["not_measurable"]
+    assert faith["passed"] is None and faith["meets_target"] == {}
+
+
+def test_copies_of_training_images_are_flagged_as_memorised(real):
+    store, data, _ = real
+    train_x, _ = load_split(store, data["data_hash"], SIZE, data["n_shards"], "train")
+    test_x, _ = load_split(store, data["data_hash"], SIZE, data["n_shards"], "test")
+    copies = memorisation(train_x, train_x, test_x)
+    assert copies["generated_median"] == 0.0 and copies["near_copy_share"] == 1.0
+    fresh = memorisation(test_x[:100], train_x, test_x[100:])
+    assert 0.5 < fresh["ratio"] < 2.0 and fresh["near_copy_share"] < 0.1
+
+
+def test_chance_macro_f1_is_what_a_label_blind_predictor_scores():
+    from porcelain.evaluate.stats import metric_values
+
+    y = np.array([0] * 80 + [1] * 20)
+    assert chance_macro_f1(y, 2) == pytest.approx(metric_values(np.zeros(100, np.int64), y, 2, "macro_f1"))
+    y10 = np.repeat(np.arange(10), 50)
+    assert 0.09 < chance_macro_f1(y10, 10) < 0.11
+
+
+def _report(store: Store, data: dict, runs: list[dict]) -> str:
+    cfg = config_from_dict({"sweep": {"ratios": ["100:0", "90:10"], "seeds": [0, 1]},
+                            "classifier": CLS.model_dump()})
+    plan = plan_generation(store, data, cfg.sweep, GenerationConfig())
+    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": None,
+               "shards": [], "faithfulness": None, "runs": runs}
+    return store.read_bytes(build_report(store, summary)["report"]).decode()
+
+
+def _sweep(store: Store, data: dict) -> list[dict]:
+    # "90:10" here gets no synthetic images: the comparison machinery, not synthesis, is under test
+    return [train_and_evaluate(store, data, r, s, {"alloc": [], "shards": []}, CLS, RT)
+            for r in ("100:0", "90:10") for s in (0, 1)]
+
+
+def test_a_classifier_trained_on_scrambled_labels_gets_no_verdict(scrambled):
+    store, data, _ = scrambled
+    runs = _sweep(store, data)
+    assert {r["steps"] for r in runs} == {120}
+    md = _report(store, data, runs)
+    for t in ("digit", "loops", "parity"):
+        assert f"Classifier did not learn `{t}`" in md
+        assert f"| 90:10 | {t} |" in md
+    table = md.split("## Does synthetic data help?")[1].split("## ")[0]
+    assert table.count("not compared: classifier did not learn this task") == 3
+    assert "no clear difference" not in table and "better" not in table
+
+
+def test_a_classifier_that_learned_gets_a_verdict_with_a_detectable_difference(real):
+    store, data, _ = real
+    runs = _sweep(store, data)
+    md = _report(store, data, runs)
+    assert "Classifier did not learn `digit`" not in md
+    table = md.split("## Does synthetic data help?")[1].split("## ")[0]
+    # identical training (no synthetic images): zero difference, and a verdict rather than a refusal
+    assert "| 90:10 | digit | +0.000 [+0.000, +0.000] |" in table
+    assert "no clear difference" in table and "not compared" not in table
+    assert "## Training budget" in md and "| 100:0 | 0 |" in md
