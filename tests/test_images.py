@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from porcelain.data.images import REASONS, ImageError, decode_image, encode_png, to_array, to_rgb
+from porcelain.data.images import REASONS, ImageError, check_header, decode_image, encode_png, to_array, to_rgb
 from porcelain.errors import DataError
 
 
@@ -83,12 +83,96 @@ def test_decompression_bomb_refused_from_header_without_global_changes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning may escape
         # Refused from the header: had the pixels been decoded, the tiny IDAT would read as "truncated".
-        assert _reason(bomb) == "too_large"
-        # Between our limit and Pillow's: our own check, no warning.
-        assert _reason(png_bomb(9_000, 9_000)) == "too_large"
+        assert _reason(bomb) == "too_large"  # 900 MP: above the 300 MP limit
+        # Below the limit, but 81 MP in ~100 bytes: a bomb, told apart by its pixels per byte.
+        assert _reason(png_bomb(9_000, 9_000)) == "decompression_bomb"
         assert _reason(png_bomb(400, 400), max_pixels=100_000) == "too_large"
     assert Image.MAX_IMAGE_PIXELS == limit_before
     assert warnings.filters == filters_before
+
+
+def flat_png(width: int, height: int, grey: int = 200) -> bytes:
+    """A genuine flat greyscale PNG, written row by row (no width×height buffer is ever allocated)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = b"\x00" + bytes([grey]) * width
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _with_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header (SOF0) declaring ``width×height``."""
+    data = bytearray(jpeg)
+    i = data.index(b"\xff\xc0")
+    data[i + 5: i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def big_flat_jpeg() -> bytes:
+    """A real 10000×10000 (100 MP) flat greyscale JPEG: 1.2 MB, 85 pixels per byte (0.3 s to encode)."""
+    return _encode(Image.new("L", (10_000, 10_000), 180), "JPEG", quality=90)
+
+
+def test_large_jpeg_is_a_photograph_decoded_at_reduced_size(big_flat_jpeg):
+    assert 50 < 100_000_000 / len(big_flat_jpeg) < 100  # far below a bomb's ratio
+    img = decode_image(big_flat_jpeg)  # 100 MP < the 300 MP default: accepted
+    assert img.mode == "RGB" and img.size == (2_500, 2_500)  # drafted at 1/4: ≤ 16 MP in memory
+    assert np.asarray(img)[::500, ::500, 0].tolist() == [[180] * 5] * 5
+    assert _reason(big_flat_jpeg[: len(big_flat_jpeg) // 2]) == "truncated"  # draft still reads every byte
+
+
+def test_too_large_messages_are_ours_and_consistent(big_flat_jpeg):
+    small = _encode(Image.new("RGB", (16, 16), (200, 100, 50)), "JPEG")
+    details = {}
+    for w, h, data in [(10_000, 10_000, big_flat_jpeg), (16_000, 12_000, _with_jpeg_size(small, 16_000, 12_000)),
+                       (20_000, 20_000, png_bomb(20_000, 20_000))]:
+        with pytest.raises(ImageError) as info:
+            decode_image(data, max_pixels=50_000_000)
+        assert info.value.reason == "too_large"
+        details[(w, h)] = info.value.detail
+    assert details[(10_000, 10_000)] == ("10000×10000 = 100 megapixels, above the limit of 50.0 megapixels "
+                                         "(raise data.max_megapixels to accept it)")
+    assert details[(16_000, 12_000)] == ("16000×12000 = 192 megapixels, above the limit of 50.0 megapixels "
+                                         "(raise data.max_megapixels to accept it)")
+    assert details[(20_000, 20_000)].startswith("20000×20000 = 400 megapixels, above the limit of 50.0")
+    # 192 MP is above Pillow's own limit (179 MP): still our wording, never Pillow's
+    with pytest.raises(ImageError) as info:
+        decode_image(_with_jpeg_size(small, 16_000, 12_000), max_pixels=100_000_000)
+    assert info.value.detail.startswith("16000×12000 = 192 megapixels, above the limit of 100 megapixels")
+    assert "DOS" not in info.value.detail and "Pillow" not in info.value.detail
+
+
+def test_bomb_told_from_photograph_by_pixels_per_byte():
+    # a 192 MP JPEG header on a 600-byte file: no JPEG can be that small
+    tiny = _with_jpeg_size(_encode(Image.new("RGB", (16, 16), (9, 9, 9)), "JPEG"), 16_000, 12_000)
+    with pytest.raises(ImageError) as info:
+        decode_image(tiny)
+    assert info.value.reason == "decompression_bomb"
+    assert "pixels per byte" in info.value.detail and "16000×12000 = 192 megapixels" in info.value.detail
+    # a genuine flat PNG of 25 MP: tens of kilobytes, ~800 pixels per byte
+    bomb = flat_png(5_000, 5_000)
+    assert len(bomb) < 100_000
+    assert _reason(bomb) == "decompression_bomb"
+    # the same ratio rule from the header alone: a 24 MP PNG photograph has ~1 pixel per byte
+    check_header((6_000, 4_000), 30_000_000, "PNG")
+    check_header((6_000, 4_000), 3_000_000, "JPEG")
+    with pytest.raises(ImageError, match="decompression_bomb"):
+        check_header((6_000, 4_000), 100_000, "PNG")
+    check_header((3_000, 3_000), 1_000, "PNG")  # 9 MP: small enough to decode whatever its ratio
+
+
+def test_large_images_come_out_reduced():
+    png = decode_image(_encode(_noise(400, 300), "PNG"), decode_pixels=10_000)
+    assert png.size == (100, 75) and png.mode == "RGB"  # reduced by 4 after decoding
+    jpg = decode_image(_encode(_noise(800, 800), "JPEG"), decode_pixels=50_000)
+    assert jpg.size == (200, 200)  # decoded at 1/4 scale
+    bilevel = decode_image(_encode(Image.new("1", (300, 300), 1), "PNG"), decode_pixels=10_000)
+    assert bilevel.size == (100, 100) and np.asarray(bilevel).min() == 255  # reduced by 3
+    assert decode_image(_encode(_noise(64, 48), "PNG")).size == (64, 48)  # small: untouched
 
 
 # ---------------------------------------------------------------------------------------------- modes

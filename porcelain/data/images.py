@@ -2,9 +2,18 @@
 
 Everything that reaches a model goes through :func:`decode_image`, which
 
-* refuses empty files, non-images, truncated or corrupt files, tiny images and decompression
-  bombs with an :class:`ImageError` whose ``reason`` is a short stable code (see :data:`REASONS`);
-* checks the pixel count from the header *before* any pixel is allocated;
+* refuses empty files, non-images, truncated or corrupt files, tiny images, images above the
+  pixel limit and decompression bombs with an :class:`ImageError` whose ``reason`` is a short
+  stable code (see :data:`REASONS`);
+* checks the pixel count from the header *before* any pixel is allocated: above ``max_pixels``
+  (``data.max_megapixels``, 300 MP by default) an image is ``too_large``; a non-JPEG file that
+  declares more than :data:`BOMB_MIN_PIXELS` pixels and more than :data:`BOMB_PIXELS_PER_BYTE`
+  pixels per byte of file (a JPEG: :data:`JPEG_PIXELS_PER_BYTE`) is a ``decompression_bomb``
+  (see :func:`check_header`);
+* keeps memory bounded for large scans: a JPEG above ``decode_pixels`` (16 MP) is decoded at 1/2,
+  1/4 or 1/8 scale (Pillow's draft mode: the DCT is scaled, every byte is still entropy-decoded,
+  so truncation and corruption are still caught), any other image is reduced by an integer factor
+  right after decoding, so what comes out has at most about ``decode_pixels`` pixels;
 * applies the EXIF orientation, so that a phone photograph stored sideways comes out upright;
 * converts every Pillow mode to 8-bit RGB correctly (CMYK through its ICC profile when it has one,
   16/32-bit greyscale by scaling, alpha and palette transparency composited on white).
@@ -16,6 +25,7 @@ under a module lock (see :func:`_open_checked`).
 from __future__ import annotations
 
 import io
+import math
 import struct
 import threading
 import warnings
@@ -26,7 +36,27 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from porcelain.errors import DataError
 
-__all__ = ["REASONS", "ImageError", "decode_image", "encode_png", "to_array", "to_rgb"]
+__all__ = ["BOMB_MIN_PIXELS", "BOMB_PIXELS_PER_BYTE", "DECODE_PIXELS", "JPEG_PIXELS_PER_BYTE", "MAX_PIXELS",
+           "REASONS", "ImageError", "check_header", "decode_image", "encode_png", "to_array", "to_rgb"]
+
+MAX_PIXELS = 300_000_000
+"""Default pixel limit (``data.max_megapixels`` × 10⁶): above it an image is ``too_large``."""
+DECODE_PIXELS = 16_000_000
+"""Images above this many pixels are decoded (JPEG) or reduced (others) to at most about this many."""
+BOMB_PIXELS_PER_BYTE = 100
+"""Pixels per file byte above which a large non-JPEG image is a decompression bomb.
+
+Measured with Pillow 13: photographs compress to 0.5–2 pixels per byte as PNG and 3–13 as JPEG
+(quality 95–75); a flat-colour PNG reaches 280 (RGB), 830 (greyscale) and 3000 (bilevel) pixels
+per byte, a crafted one far more.
+JPEG has its own limit, :data:`JPEG_PIXELS_PER_BYTE`: draft decoding bounds its memory anyway."""
+JPEG_PIXELS_PER_BYTE = 1000
+"""A JPEG cannot describe more than ~256 pixels per byte (one 8×8 block of a flat image takes at least
+2 bits with optimised Huffman tables; a flat 100 MP JPEG is 85 pixels per byte at standard tables,
+256 optimised): a large JPEG above this ratio is a crafted header, refused as a ``decompression_bomb``."""
+BOMB_MIN_PIXELS = 16_000_000
+"""Below this many pixels an image decodes to at most ~64 MB whatever its compression ratio."""
+
 
 REASONS: dict[str, str] = {
     "empty_file": "the file has zero bytes",
@@ -34,7 +64,9 @@ REASONS: dict[str, str] = {
     "truncated": "the image file ends early (an interrupted copy or download)",
     "corrupt": "the image file is damaged (bad header, checksum or compressed data)",
     "too_small": "the image is smaller than the minimum side",
-    "too_large": "the image declares more pixels than allowed (possible decompression bomb)",
+    "too_large": "the image has more pixels than data.max_megapixels allows",
+    "decompression_bomb": "the file declares far more pixels than a photograph of its size can hold "
+                          "(pixels per byte of file): a decompression bomb",
     "unsupported_mode": "the image's colour mode cannot be converted to RGB",
 }
 """The reason codes an :class:`ImageError` can carry, with a one-line explanation each."""
@@ -83,12 +115,17 @@ def _is_truncation(exc: BaseException) -> bool:
     return "truncat" in text or "premature end" in text or "unexpected end" in text
 
 
-def _classify(exc: BaseException, data: bytes) -> ImageError:
+def _classify(exc: BaseException, data: bytes, size: tuple[int, int] | None = None,
+              max_pixels: int = MAX_PIXELS) -> ImageError:
     """Turn an exception raised while opening/verifying/loading into an :class:`ImageError`."""
     if isinstance(exc, ImageError):
         return exc
     if isinstance(exc, Image.DecompressionBombError):
-        return ImageError("too_large", str(exc))
+        # Pillow's own limit, hit past the header parse (a GIF frame larger than its canvas, …).
+        if size is not None:
+            return _too_large(size, max_pixels)
+        return ImageError("too_large", "a part of the image has more pixels than Pillow allows "
+                                       f"({2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels)")
     fmt = _sniff(data)
     if isinstance(exc, UnidentifiedImageError):
         if fmt is None:
@@ -100,67 +137,120 @@ def _classify(exc: BaseException, data: bytes) -> ImageError:
     return ImageError("corrupt", f"{fmt or 'image'} data is damaged: {type(exc).__name__}: {exc}")
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """``Image.open`` (header only) with Pillow's bomb warning silenced: we apply ``max_pixels``."""
+def _open_checked(data: bytes) -> Image.Image:
+    """``Image.open`` (header only) without Pillow's own pixel limit: :func:`check_header` applies ours.
+
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and raises, with its own wording, above twice that
+    (179 MP by default); we lift it for the header parse only, under a lock, and restore it.
+    """
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
-        # Pillow raises on its own above 2 × MAX_IMAGE_PIXELS; lift that only if the caller allows more.
-        lift = saved is not None and max_pixels > 2 * saved
-        if lift:
-            Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             return Image.open(io.BytesIO(data))
         finally:
-            if lift:
-                Image.MAX_IMAGE_PIXELS = saved
+            Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_size(size: tuple[int, int], *, min_side: int, max_pixels: int) -> None:
+def _mp(pixels: float) -> str:
+    """Megapixels for a message: ``192``, ``50.0``, ``0.01``."""
+    mp = pixels / 1e6
+    return f"{mp:,.0f}" if mp >= 100 else f"{mp:.1f}" if mp >= 1 else f"{mp:.2g}"
+
+
+def _too_large(size: tuple[int, int], max_pixels: int) -> ImageError:
     w, h = size
-    if w * h > max_pixels:
-        raise ImageError("too_large", f"{w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                                      "(possible decompression bomb)")
+    return ImageError("too_large", f"{w}×{h} = {_mp(w * h)} megapixels, above the limit of {_mp(max_pixels)} "
+                                   "megapixels (raise data.max_megapixels to accept it)")
+
+
+def check_header(size: tuple[int, int], n_bytes: int, fmt: str | None, *, min_side: int = 8,
+                 max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse, from the header alone, an image that is too small, too large or a decompression bomb.
+
+    ``too_large``: more than ``max_pixels``. ``decompression_bomb``: above :data:`BOMB_MIN_PIXELS`
+    pixels, more than :data:`BOMB_PIXELS_PER_BYTE` pixels per byte of file (:data:`JPEG_PIXELS_PER_BYTE`
+    for a JPEG); a photograph has a few, a bomb hundreds to millions. ``too_small``: a side below ``min_side``.
+    """
+    w, h = size
+    pixels = w * h
+    if pixels > max_pixels:
+        raise _too_large(size, max_pixels)
+    per_byte = pixels / max(n_bytes, 1)
+    limit = JPEG_PIXELS_PER_BYTE if fmt == "JPEG" else BOMB_PIXELS_PER_BYTE
+    if pixels > BOMB_MIN_PIXELS and per_byte > limit:
+        raise ImageError("decompression_bomb",
+                         f"{w}×{h} = {_mp(pixels)} megapixels in a {n_bytes:,}-byte {fmt or 'image'} file: "
+                         f"{per_byte:,.0f} pixels per byte, where photographs have a few and at most "
+                         f"{limit} are accepted above {_mp(BOMB_MIN_PIXELS)} megapixels")
     if min(w, h) < min_side:
         raise ImageError("too_small", f"{w}×{h} is smaller than the minimum side of {min_side} pixels")
 
 
-def decode_image(data: bytes, *, min_side: int = 8, max_pixels: int = 64_000_000) -> Image.Image:
+def _draft_scale(pixels: int, decode_pixels: int) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) that brings ``pixels`` to at most ``decode_pixels`` if it can."""
+    for s in (1, 2, 4, 8):
+        if pixels / (s * s) <= decode_pixels:
+            return s
+    return 8
+
+
+def _reduce(im: Image.Image, decode_pixels: int) -> Image.Image:
+    """Reduce a decoded image by the integer factor that brings it to at most ``decode_pixels``."""
+    w, h = im.size
+    if w * h <= decode_pixels:
+        return im
+    factor = math.ceil(math.sqrt(w * h / decode_pixels))
+    if im.mode in ("1", "P") or im.mode.startswith("I;16"):  # modes Image.reduce cannot handle
+        im = to_rgb(im) if im.mode != "1" else im.convert("L")
+    return im.reduce(factor)
+
+
+def decode_image(data: bytes, *, min_side: int = 8, max_pixels: int = MAX_PIXELS,
+                 decode_pixels: int = DECODE_PIXELS) -> Image.Image:
     """Verify, fully decode, orient and convert image bytes to an RGB image.
 
     Raises :class:`ImageError` (a :class:`~porcelain.errors.DataError`) with ``reason`` in
-    :data:`REASONS`. The pixel count is checked from the header, before decoding.
+    :data:`REASONS`. The size is checked from the header, before decoding (:func:`check_header`).
+    An image above ``decode_pixels`` comes out reduced (JPEG: decoded at 1/2, 1/4 or 1/8 scale;
+    others: reduced by an integer factor), to at most about ``decode_pixels`` pixels.
     """
     if not data:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
+    size: tuple[int, int] | None = None
     try:
         # 1. Header only: size check before any pixel buffer exists.
-        im = _open_checked(data, max_pixels)
-        _check_size(im.size, min_side=min_side, max_pixels=max_pixels)
+        im = _open_checked(data)
+        size = im.size
         fmt = im.format
+        check_header(size, len(data), fmt, min_side=min_side, max_pixels=max_pixels)
         # 2. Structural verification (PNG: every chunk CRC up to IEND). It invalidates the object.
         im.verify()
-        # 3. Reopen and decode fully, first frame only for animations.
-        im = _open_checked(data, max_pixels)
+        # 3. Reopen and decode fully, first frame only for animations; large JPEGs at reduced scale.
+        im = _open_checked(data)
         if ImageFile.LOAD_TRUNCATED_IMAGES and fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             # Another module turned on Pillow's global leniency; keep refusing cut-off JPEGs.
             raise ImageError("truncated", "JPEG data has no end-of-image marker")
+        scale = _draft_scale(size[0] * size[1], decode_pixels) if fmt == "JPEG" else 1
+        if scale > 1:
+            im.draft(im.mode, (size[0] // scale, size[1] // scale))
         im.load()
-        _check_size(im.size, min_side=min_side, max_pixels=max_pixels)
+        if im.size[0] * im.size[1] > max_pixels:
+            raise _too_large(im.size, max_pixels)
+        im = _reduce(im, decode_pixels)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError,
             TypeError, Image.DecompressionBombError) as exc:
-        raise _classify(exc, data) from exc
+        raise _classify(exc, data, size, max_pixels) from exc
     try:
         oriented = ImageOps.exif_transpose(im)
         if oriented is not None:
             im = oriented
     except Exception:  # noqa: BLE001 - a broken EXIF block should not lose a good image
         pass
-    rgb = to_rgb(im)
-    _check_size(rgb.size, min_side=min_side, max_pixels=max_pixels)
-    return rgb
+    return to_rgb(im)
 
 
 def _composite_on_white(rgba: Image.Image) -> Image.Image:

@@ -18,8 +18,11 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from porcelain.data.images import decode_image, to_array
-from porcelain.data.manifest import ValidatedDataset, validate, write_quarantine_csv
+from porcelain.data.images import MAX_PIXELS, decode_image, to_array
+from porcelain.data.neardup import NEAR_DUPLICATE_BITS
+from porcelain.data.quarantine import write_quarantine_csv
+from porcelain.data.records import ValidatedDataset
+from porcelain.data.validation import validate
 from porcelain.errors import DataError
 from porcelain.hashing import canonical_safetensors
 from porcelain.storage import Store
@@ -70,12 +73,22 @@ def ingest_dataset(
     min_images: int = 20,
     shard_size: int = 512,
     storage_options: dict | None = None,
+    fold_case: bool = False,
+    max_megapixels: float = MAX_PIXELS / 1e6,
+    near_duplicate_bits: int | None = NEAR_DUPLICATE_BITS,
 ) -> dict[str, Any]:
-    """Validate, quarantine, split; record the dataset in the store. Returns a small summary."""
+    """Validate, quarantine, split; record the dataset in the store. Returns a small summary.
+
+    ``quarantine.csv`` lists the rows set aside and, after them, the kept rows flagged as
+    ``near_duplicate_across_splits``. The summary's ``n_quarantined`` counts the former only,
+    ``n_near_duplicates`` the flagged pairs, and ``warnings`` holds sentences worth showing.
+    """
     root = root or default_root(manifest)
+    max_pixels = int(max_megapixels * 1_000_000)
     ds: ValidatedDataset = validate(
         manifest, root, tasks=tasks, classes=classes, val_fraction=val_fraction,
         test_fraction=test_fraction, seed=split_seed, min_images=min_images, storage_options=storage_options,
+        max_pixels=max_pixels, fold_case=fold_case, near_duplicate_bits=near_duplicate_bits,
     )
     data_hash = ds.content_hash()[:16]
     base = dataset_key(data_hash)
@@ -85,10 +98,11 @@ def ingest_dataset(
         "tasks": ds.tasks,
         "classes": ds.classes,
         "root": root,
+        "max_pixels": max_pixels,
         "records": [{"image": r.image, "sha256": r.sha256, "labels": r.labels, "split": r.split} for r in records],
     })
     buf = io.StringIO()
-    write_quarantine_csv(ds.quarantine, buf)
+    write_quarantine_csv([*ds.quarantine, *ds.near_duplicates], buf)
     store.write_bytes(f"{base}/quarantine.csv", buf.getvalue().encode("utf-8"))
     n_shards = max(1, -(-len(records) // shard_size))
     return {
@@ -100,6 +114,8 @@ def ingest_dataset(
         "n_quarantined": len(ds.quarantine),
         "quarantine_reasons": dict(Counter(q.reason for q in ds.quarantine)),
         "quarantine_key": f"{base}/quarantine.csv",
+        "n_near_duplicates": ds.n_near_duplicates,
+        "warnings": list(ds.warnings),
         "shard_size": shard_size,
         "n_shards": n_shards,
     }
@@ -128,7 +144,7 @@ def pack_data_shard(store: Store, data_hash: str, shard_index: int, n_shards: in
         data = fs.cat_file(posixpath.join(root.rstrip("/"), r["image"]))
         if hashlib.sha256(data).hexdigest() != r["sha256"]:
             raise DataError(f"{r['image']} changed after validation (sha256 differs); rerun to revalidate")
-        images[i] = to_array(decode_image(data), size)
+        images[i] = to_array(decode_image(data, max_pixels=int(meta.get("max_pixels", MAX_PIXELS))), size)
         labels[i] = [classes[t].index(r["labels"][t]) for t in tasks]
         split[i] = SPLITS.index(r["split"])
     blob = st_save({"images": images, "labels": labels, "split": split},

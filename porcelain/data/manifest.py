@@ -9,6 +9,8 @@ The work is done in focused modules, all re-exported here:
 * :mod:`porcelain.data.manifest_csv` – reading the CSV (encoding, delimiter, header, rows);
 * :mod:`porcelain.data.paths` – image paths that cannot leave the root;
 * :mod:`porcelain.data.validation` – :func:`validate`: rows and images checked, bad rows quarantined;
+* :mod:`porcelain.data.labels` – label checks: case variants, single-class tasks, ``Split`` columns;
+* :mod:`porcelain.data.neardup` – perceptual hashes and near-duplicates across splits;
 * :mod:`porcelain.data.splits` – the seeded stratified split and sharding;
 * :mod:`porcelain.data.records` – :class:`Record`, :class:`QuarantineEntry`, :class:`ValidatedDataset`;
 * :mod:`porcelain.data.quarantine` – the reason codes and the quarantine CSV.

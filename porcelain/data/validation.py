@@ -5,11 +5,17 @@ the usable records, the discovered tasks and classes, and a quarantine list with
 :class:`~porcelain.data.records.QuarantineEntry` per rejected row (see
 :data:`~porcelain.data.quarantine.QUARANTINE_REASONS`). One bad row never stops the run; too few
 good rows do, with a :class:`~porcelain.errors.DataError` that says what was wrong.
+
+Label checks (:mod:`porcelain.data.labels`): spellings that differ only in case are named in a
+warning, or merged with ``fold_case``; a task with fewer than two classes, or a ``Split`` column that
+would become a task, is a :class:`~porcelain.errors.DataError`. Kept images that look alike across
+splits (:mod:`porcelain.data.neardup`) are flagged in ``ValidatedDataset.near_duplicates``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -20,8 +26,16 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from porcelain.data.images import ImageError, decode_image
+from porcelain.data.images import MAX_PIXELS, ImageError, decode_image
+from porcelain.data.labels import (
+    case_variants,
+    check_split_lookalikes,
+    check_tasks_have_classes,
+    describe_variants,
+    fold_map,
+)
 from porcelain.data.manifest_csv import load_manifest
+from porcelain.data.neardup import NEAR_DUPLICATE_BITS, PerceptualHash, near_duplicate_pairs, perceptual_hash
 from porcelain.data.paths import safe_relpath
 from porcelain.data.records import SPLITS, QuarantineEntry, Record, ValidatedDataset
 from porcelain.data.splits import SPLIT_ALIASES, check_fractions, stratified_split
@@ -30,6 +44,7 @@ from porcelain.errors import ConfigError, DataError
 __all__ = ["ProgressFn", "validate"]
 
 _RESERVED = ("image", "split")
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -48,11 +63,12 @@ class _ImageResult:
     sha256: str | None
     reason: str | None = None
     detail: str = ""
+    phash: PerceptualHash | None = None
 
 
 def _check_image(fs: Any, root_path: str, root_real: str | None, rel: str, min_side: int,
-                 max_pixels: int) -> _ImageResult:
-    """Read one image through ``fs``, hash it and verify that it decodes."""
+                 max_pixels: int, want_phash: bool = False) -> _ImageResult:
+    """Read one image through ``fs``, hash it, verify that it decodes, and (optionally) its perceptual hash."""
     full = f"{root_path.rstrip('/')}/{rel}"
     if root_real is not None:  # local root: resolve symlinks and make sure we stay inside
         real = os.path.realpath(full)
@@ -71,12 +87,16 @@ def _check_image(fs: Any, root_path: str, root_real: str | None, rel: str, min_s
         return _ImageResult(None, "unreadable", f"{type(exc).__name__}: {exc}")
     sha = hashlib.sha256(data).hexdigest()
     try:
-        decode_image(data, min_side=min_side, max_pixels=max_pixels).close()
+        img = decode_image(data, min_side=min_side, max_pixels=max_pixels)
     except ImageError as exc:
         return _ImageResult(sha, exc.reason, exc.detail)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of this one file
         return _ImageResult(sha, "corrupt", f"{type(exc).__name__}: {exc}")
-    return _ImageResult(sha)
+    try:
+        phash = perceptual_hash(img) if want_phash else None
+    finally:
+        img.close()
+    return _ImageResult(sha, phash=phash)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -99,7 +119,9 @@ def validate(
     read_workers: int = 8,
     on_record: ProgressFn | None = None,
     min_side: int = 8,
-    max_pixels: int = 64_000_000,
+    max_pixels: int = MAX_PIXELS,
+    fold_case: bool = False,
+    near_duplicate_bits: int | None = NEAR_DUPLICATE_BITS,
 ) -> ValidatedDataset:
     """Validate a manifest against its image root; quarantine bad rows, split, and summarise.
 
@@ -112,10 +134,19 @@ def validate(
       val/test (0 when their fraction is 0 and there is no split column).
     * ``storage_options`` go to fsspec for both the manifest and the root.
     * ``on_record(done, total, info)`` is called as images are checked.
-    * ``min_side``/``max_pixels`` are passed to :func:`~porcelain.data.images.decode_image`.
+    * ``min_side``/``max_pixels`` are passed to :func:`~porcelain.data.images.decode_image`
+      (``max_pixels``: ``data.max_megapixels`` × 10⁶).
+    * ``fold_case``: merge labels of a task that differ only in case into the most frequent spelling
+      (with ``classes``: into the given spelling). Without it, such labels stay separate classes and
+      a warning names them (logged, and in ``ValidatedDataset.warnings``).
+    * ``near_duplicate_bits``: kept images in different splits whose perceptual hashes differ in at
+      most this many of 256 bits are flagged (``ValidatedDataset.near_duplicates``, reason
+      ``near_duplicate_across_splits``); ``None`` skips the perceptual hashing.
 
-    Raises :class:`DataError` for an unusable manifest (no ``image`` column, not UTF-8, a missing task
-    column) or when too few valid images remain, and :class:`ConfigError` for invalid arguments.
+    Raises :class:`DataError` for an unusable manifest (no ``image`` column, an undecodable text
+    encoding, a missing task column, a task with fewer than two classes, a ``Split`` column that
+    would become a task) or when too few valid images remain, and :class:`ConfigError` for invalid
+    arguments.
     """
     check_fractions(val_fraction, test_fraction)
     if read_workers < 1:
@@ -142,6 +173,10 @@ def validate(
         if unknown:
             raise ConfigError(f"classes given for {unknown}, which are not tasks {task_list}")
         allowed = {t: {str(c).strip() for c in v} for t, v in classes.items()}
+    if tasks is None:
+        check_split_lookalikes(manifest, task_list, {t: [v.get(t, "") for _, v, _ in rows] for t in task_list})
+    allowed_folded = {t: {c.casefold(): c for c in sorted(v)} for t, v in allowed.items()}
+    warnings: list[str] = []
 
     quarantine: list[QuarantineEntry] = []
     pending: list[_Pending] = []
@@ -177,13 +212,32 @@ def validate(
         if empty:
             reject("empty_label", f"no label for task(s) {empty}")
             continue
+        if fold_case:
+            for t in allowed:
+                labels[t] = allowed_folded[t].get(labels[t].casefold(), labels[t])
         wrong = [t for t in task_list if t in allowed and labels[t] not in allowed[t]]
         if wrong:
             t = wrong[0]
+            near = allowed_folded[t].get(labels[t].casefold())
+            hint = f" (it differs only in case from {near!r}: set data.fold_case: true)" if near else ""
             reject("unknown_label", f"task {t!r}: label {labels[t]!r} is not among its "
-                                    f"{len(allowed[t])} classes {sorted(allowed[t])[:20]}")
+                                    f"{len(allowed[t])} classes {sorted(allowed[t])[:20]}{hint}")
             continue
         pending.append(_Pending(number, raw_image, rel, labels, split))
+
+    # 1b. Labels that differ only in case: named in a warning, or merged (fold_case).
+    for t in task_list:
+        if t in allowed:
+            continue  # given classes: a variant is either folded above or quarantined as unknown_label
+        groups = case_variants(p.labels[t] for p in pending)
+        if not groups:
+            continue
+        warnings.append(describe_variants(t, groups, folded=fold_case))
+        log.warning("%s: %s", manifest, warnings[-1])
+        if fold_case:
+            mapping = fold_map(groups)
+            for p in pending:
+                p.labels[t] = mapping.get(p.labels[t], p.labels[t])
 
     # 2. Read, hash and decode every remaining image (threads: I/O, and Pillow releases the GIL).
     fs, root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -197,8 +251,9 @@ def validate(
     n_bad = len(quarantine)
     with ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="porcelain-validate") as pool:
         for chunk in _chunks(pending, max(64, 32 * read_workers)):
-            for res in pool.map(lambda p: _check_image(fs, root_path, root_real, p.image, min_side, max_pixels),
-                                chunk):
+            want_phash = near_duplicate_bits is not None
+            for res in pool.map(lambda p: _check_image(fs, root_path, root_real, p.image, min_side, max_pixels,
+                                                       want_phash), chunk):
                 results.append(res)
                 n_bad += res.reason is not None
                 if on_record is not None:
@@ -206,15 +261,18 @@ def validate(
 
     # 3. Content duplicates: same bytes in several rows.
     good: list[tuple[_Pending, str]] = []
+    phashes: dict[str, PerceptualHash | None] = {}
     for p, res in zip(pending, results):
         if res.reason is not None or res.sha256 is None:
             quarantine.append(QuarantineEntry(p.row, p.raw_image, res.reason or "unreadable", res.detail))
         else:
             good.append((p, res.sha256))
+            phashes[res.sha256] = res.phash
     by_sha: dict[str, list[_Pending]] = defaultdict(list)
     for p, sha in good:
         by_sha[sha].append(p)
     records: list[Record] = []
+    kept: dict[str, _Pending] = {}
     for sha, group in by_sha.items():
         first = group[0]
         if any(p.labels != first.labels for p in group[1:]):
@@ -229,6 +287,7 @@ def validate(
                                               f"identical image bytes and labels as row {first.row} "
                                               f"({first.image}), which is kept"))
         records.append(Record(image=first.image, labels=dict(first.labels), split=first.split, sha256=sha))
+        kept[sha] = first
 
     # 4. Splits, classes, order.
     if not has_split and records:
@@ -241,8 +300,15 @@ def validate(
     quarantine.sort(key=lambda q: (q.row, q.reason))
     class_lists = {t: sorted(allowed[t]) if t in allowed else sorted({r.labels[t] for r in records})
                    for t in task_list}
+    near = _near_duplicates(records, kept, phashes, near_duplicate_bits)
+    if near:
+        warnings.append(f"{len(near)} pair(s) of images in different splits look alike (perceptual hash within "
+                        f"{near_duplicate_bits} of 256 bits): see near_duplicate_across_splits in the quarantine "
+                        "report; they are kept")
+        log.warning("%s: %s", manifest, warnings[-1])
     ds = ValidatedDataset(records=records, tasks=task_list, classes=class_lists, quarantine=quarantine,
-                          manifest_sha256=hashlib.sha256(raw).hexdigest())
+                          manifest_sha256=hashlib.sha256(raw).hexdigest(), near_duplicates=near,
+                          warnings=warnings)
 
     # 5. Enough left?
     required = {"train": min_images,
@@ -257,7 +323,24 @@ def validate(
     short = {s: (have.get(s, 0), need) for s, need in required.items() if have.get(s, 0) < need}
     if short:
         raise DataError(_not_enough_message(manifest, root, ds, have, short, total, has_split))
+    check_tasks_have_classes(manifest, {t: {r.labels[t] for r in records} for t in task_list}, len(records))
     return ds
+
+
+def _near_duplicates(records: list[Record], kept: dict[str, _Pending], phashes: dict[str, PerceptualHash | None],
+                     max_bits: int | None) -> list[QuarantineEntry]:
+    """One entry per pair of kept records in different splits whose perceptual hashes are close."""
+    if max_bits is None:
+        return []
+    hashed = [r for r in records if phashes.get(r.sha256) is not None]
+    pairs = near_duplicate_pairs([phashes[r.sha256] for r in hashed], [r.split for r in hashed], max_bits=max_bits)
+    out = []
+    for i, j, dist in pairs:
+        (pa, ra), (pb, rb) = sorted(((kept[r.sha256], r) for r in (hashed[i], hashed[j])), key=lambda pr: pr[0].row)
+        out.append(QuarantineEntry(pb.row, pb.raw_image, "near_duplicate_across_splits",
+                                   f"kept; looks like row {pa.row} ({pa.image}, in {ra.split}) while this one is in "
+                                   f"{rb.split}: {dist} of 256 perceptual-hash bits differ"))
+    return sorted(out, key=lambda q: (q.row, q.detail))
 
 
 def _fmt_labels(labels: dict[str, str], tasks: Sequence[str]) -> str:
