@@ -30,11 +30,15 @@ import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from porcelain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from porcelain.storage import Store
 
 __all__ = [
     "CLASSES",
@@ -187,7 +191,7 @@ def _manifest_bytes(rows: list[dict[str, str]]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def materialize_digits(store, size: int = 32, shots: int = 25, imbalance: float = 10.0,
+def materialize_digits(store: Store, size: int = 32, shots: int = 25, imbalance: float = 10.0,
                        seed: int = 0) -> dict[str, str]:
     """Write the digits set under ``samples/<hash>/`` of ``store`` (once); its manifest and root URIs.
 
