@@ -37,6 +37,11 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     if data["n_quarantined"]:
         log.warning("set aside %d rows in quarantine (%s): see %s", data["n_quarantined"],
                     data["quarantine_reasons"], data["quarantine_key"])
+    if data.get("n_near_duplicates"):
+        log.warning("%d near-duplicate image pairs span different splits (kept, listed in %s)",
+                    data["n_near_duplicates"], data["quarantine_key"])
+    for line in data.get("warnings", []):
+        log.warning("%s", line)
 
     ref_size = cfg.reference.image_size or cfg.classifier.image_size
     sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size, ref_size})

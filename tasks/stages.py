@@ -54,7 +54,8 @@ def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageCo
     return ingest_dataset(
         _store(storage), manifest, root, tasks=data.tasks, classes=data.classes, val_fraction=data.val_fraction,
         test_fraction=data.test_fraction, split_seed=data.split_seed, min_images=data.min_images,
-        shard_size=data.shard_size, storage_options=storage.storage_options())
+        shard_size=data.shard_size, storage_options=storage.storage_options(), fold_case=data.fold_case,
+        max_megapixels=data.max_megapixels, near_duplicate_bits=data.near_duplicate_bits)
 
 
 @task(name="pack-shard", task_run_name="pack-{size}px-{shard_index}", **TASK_DEFAULTS)

@@ -264,6 +264,11 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           f"- set aside in quarantine: {data['n_quarantined']}"
           + (f" ({', '.join(f'{e(k)}: {v}' for k, v in sorted(data['quarantine_reasons'].items()))};"
              f" see `{data['quarantine_key']}`)" if data["n_quarantined"] else "")]
+    if data.get("n_near_duplicates"):
+        L.append(f"- **{data['n_near_duplicates']} near-duplicate image pairs span different splits** (perceptual "
+                 f"hash; kept, listed in `{data['quarantine_key']}`): a test image that nearly repeats a train "
+                 "image flatters every score")
+    L += [f"- {e(w)}" for w in data.get("warnings", [])]
     missing = plan.get("targeted_without_test") or []
     if missing:
         names = ["/".join(e(data["classes"][t][v]) for t, v in zip(tasks, c)) for c in missing[:12]]
