@@ -1,5 +1,14 @@
-"""The multi-task classifier of the porcelain paper: a MobileNetV3-Large backbone, one linear head per task.
+"""The multi-task classifier: a timm backbone, one linear head per task.
 
+Backbones (:data:`PRESETS`, or any timm model name):
+
+* ``mobilenetv3_large_100`` — the porcelain paper's choice, for photographs with pretrained
+  (ImageNet) weights;
+* ``small_cnn`` — a plain CNN for small images trained from scratch (:mod:`porcelain.models.small_image`);
+* ``resnet_lowres`` — timm's ResNet-10-T with a stride-1 stem and no stem max-pool (CIFAR style);
+* ``tiny`` — ``mobilenetv3_small_050``, for fast tests.
+
+``"auto"`` (:func:`resolve_classifier`) picks one from the image size and whether weights are given.
 The backbone comes from timm with ``pretrained=False`` (nothing is ever downloaded); ImageNet
 weights, when wanted, are a local file given by the user (:func:`create_classifier` ``weights=``).
 """
@@ -16,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+import porcelain.models.small_image  # noqa: F401  (registers porcelain_small_cnn, porcelain_resnet10t_lowres with timm)
 from porcelain.errors import WeightsError
 from porcelain.models.weights import load_pretrained_backbone
 
@@ -49,10 +59,43 @@ def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -
 
 # name -> (timm architecture, extra timm kwargs). "tiny" keeps tests fast (0.57M backbone parameters).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mobilenetv3_large_100": ("mobilenetv3_large_100", {}),  # the paper's default
+    "mobilenetv3_large_100": ("mobilenetv3_large_100", {}),  # the paper's default, with pretrained weights
+    "small_cnn": ("porcelain_small_cnn", {"widths": (32, 64, 128, 256), "depth": 1}),
+    "resnet_lowres": ("porcelain_resnet10t_lowres", {}),
     "tiny": ("mobilenetv3_small_050", {}),
 }
 DEFAULT_MODEL = "mobilenetv3_large_100"
+AUTO = "auto"
+SMALL_IMAGE_MAX_PX = 64
+"""``auto`` without weights picks ``small_cnn`` up to this image size."""
+
+
+def resolve_classifier(name: str, image_size: int, has_weights: bool) -> tuple[str, str]:
+    """``(preset or timm name, reason)`` for the classifier ``name``; ``"auto"`` chooses:
+
+    * weights given → ``mobilenetv3_large_100`` (the porcelain paper's backbone, fine-tuned);
+    * no weights, ``image_size <= SMALL_IMAGE_MAX_PX`` → ``small_cnn``;
+    * no weights, larger images → ``small_cnn`` as well (see the reason string).
+
+    Any other name is returned as it is (after checking that it exists), with reason "asked for".
+    """
+    if name != AUTO:
+        if name not in PRESETS and not timm.is_model(name):
+            raise ValueError(f"unknown classifier {name!r}; presets: {', '.join(PRESETS)}, auto "
+                             f"(or any timm model name)")
+        return name, f"{name}: asked for"
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if has_weights:
+        return "mobilenetv3_large_100", (
+            "auto: pretrained weights given -> mobilenetv3_large_100 (the porcelain paper's backbone, fine-tuned)")
+    if image_size <= SMALL_IMAGE_MAX_PX:
+        return "small_cnn", (
+            f"auto: {image_size} px images, no pretrained weights -> small_cnn (a plain CNN trains from "
+            f"scratch on few small images; MobileNetV3 from random init does not)")
+    return "small_cnn", (
+        f"auto: {image_size} px images, no pretrained weights -> small_cnn (measured; give ImageNet weights "
+        f"to use mobilenetv3_large_100)")
 
 
 def preprocess(
@@ -179,21 +222,27 @@ def create_classifier(
     drop_rate: float = 0.2,
     *,
     seed: int | None = None,
+    image_size: int | None = None,
 ) -> MultiTaskClassifier:
     """A :class:`MultiTaskClassifier` for the preset ``name`` (see :data:`PRESETS`) or any timm model name.
 
     ``weights``: a local backbone weights file (safetensors, or ``.pth``/``.bin`` read with
     ``torch.load(weights_only=True)``); keys must match the backbone exactly apart from the
     ImageNet classifier head. ``seed``: initialise deterministically without touching the global RNG.
+    ``name="auto"`` needs ``image_size`` and is resolved by :func:`resolve_classifier`.
     """
     if not num_classes:
         raise ValueError("num_classes is required, e.g. {'dynasty': 4, 'kiln': 4}")
+    if name == AUTO:
+        if image_size is None:
+            raise ValueError("classifier 'auto' needs image_size= to choose a backbone")
+        name, _ = resolve_classifier(name, image_size, weights is not None)
     if name in PRESETS:
         arch, kwargs = PRESETS[name]
     elif timm.is_model(name):
         arch, kwargs = name, {}
     else:
-        raise ValueError(f"unknown classifier {name!r}; presets: {', '.join(PRESETS)} (or any timm model name)")
+        raise ValueError(f"unknown classifier {name!r}; presets: {', '.join(PRESETS)}, auto (or any timm model name)")
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -1,9 +1,14 @@
 """Training and inference of the multi-task classifier, with the paper's imbalance handling.
 
+* Budget in optimizer steps (:func:`train_classifier` ``steps``), the same whatever the number of
+  images, so that adding synthetic images changes the data and nothing else; :func:`steps_for` turns
+  epochs into steps. Linear warmup then cosine learning rate over the steps.
 * Class weights: the effective number of samples of Cui et al. (2019), ``E_n = (1 - β^n) / (1 - β)``;
   a class with ``n`` training images gets weight ``1 / E_n = (1 - β) / (1 - β^n)``.
-* A weighted sampler (``torch.utils.data.WeightedRandomSampler``) over per-image weights, and a
-  class-weighted cross-entropy per task; the loss is the sum over tasks.
+* Optionally a weighted sampler over per-image weights (:func:`sample_weights`), and a class-weighted
+  cross-entropy per task; the loss is the sum over tasks. Measured on the digits set, the weighted
+  loss alone is the default (benchmarks/RESULTS.md, "Classifier on digits").
+* Model selection: with a val split, the checkpoint with the best mean macro-F1 over tasks.
 
 Everything takes in-memory arrays: images uint8 N×H×W×3, labels int64 N×T (column t indexes the
 classes of task t).
@@ -19,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import WeightedRandomSampler
 
 from porcelain.device import autocast, choose_device, choose_dtype, grad_scaler
 from porcelain.errors import NonFiniteLossError
@@ -69,34 +73,54 @@ def _check_labels(labels: np.ndarray, counts: Sequence[Sequence[int]]) -> np.nda
         col = labels[:, t]
         if col.size and (col.min() < 0 or col.max() >= len(c)):
             raise ValueError(f"task column {t}: labels must lie in [0, {len(c)}), got [{col.min()}, {col.max()}]")
-        zero = [k for k in np.unique(col) if c[int(k)] == 0]
-        if zero:
-            raise ValueError(
-                f"task column {t}: classes {zero} occur in the labels but have training count 0; "
-                f"counts must be computed from the same training set"
-            )
     return labels.astype(np.int64, copy=False)
 
 
-def sample_weights(labels: np.ndarray, counts: Sequence[Sequence[int]], beta: float = 0.999) -> torch.Tensor:
-    """Per-image weights (float64, length N) for ``WeightedRandomSampler``.
+def weighting_counts(labels: np.ndarray, counts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The counts that set the class weights: ``counts``, except that a class which occurs in ``labels``
+    but has count 0 takes the **smallest positive count of its task**, so it gets the weight of the
+    rarest counted class (never weight 0 or a crash).
 
-    An image's weight is the **mean over tasks** of its class's effective-number weight in that task.
+    ``counts`` need not be computed from ``labels``: the sweep passes the *real* training counts while
+    the training set also holds synthetic images, so that the real:synthetic ratio does not change the
+    loss weighting. Synthetic images target classes that have real images, so the rule is a safeguard.
+    A task whose counts are all 0 counts every class that occurs in ``labels`` once (uniform weights).
+    """
+    labels = _check_labels(labels, counts)
+    out = []
+    for t, c in enumerate(counts):
+        c = [int(v) for v in c]
+        positive = [v for v in c if v > 0]
+        fill = min(positive) if positive else 1
+        for k in np.unique(labels[:, t]):
+            if c[int(k)] == 0:
+                c[int(k)] = fill
+        out.append(c)
+    return out
+
+
+def sample_weights(labels: np.ndarray, counts: Sequence[Sequence[int]], beta: float = 0.999) -> torch.Tensor:
+    """Per-image weights (float64, length N) for a weighted sampler (``torch.multinomial``).
+
+    An image's weight is the **mean over tasks** of its class's effective-number weight in that task
+    (classes with count 0 that occur in ``labels``: see :func:`weighting_counts`).
     The mean (rather than the product or the maximum) keeps every task's rare classes up-weighted
     while bounding the spread of weights: a product over four tasks multiplies the ratios (a rare
     glaze that is also a rare type would be drawn thousands of times more often than a common image,
     so an epoch would repeat a handful of images), and the maximum ignores all but one task.
     """
     labels = _check_labels(labels, counts)
+    counts = weighting_counts(labels, counts)
     per_task = [effective_number_weights(c, beta).double().numpy()[labels[:, t]] for t, c in enumerate(counts)]
     return torch.from_numpy(np.mean(per_task, axis=0))
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.8, 1.0),
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Random horizontal flip + small random-resized crop, one affine resampling per batch.
+             ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (when ``hflip``) + small random-resized crop, one affine resampling per batch.
 
-    Random numbers come from the CPU generator ``gen`` so that results do not depend on the device.
+    Random numbers come from the CPU generator ``gen`` so that results do not depend on the device
+    (the same numbers are drawn with and without ``hflip``).
     """
     n = x.shape[0]
     area = torch.empty(n).uniform_(*scale, generator=gen)
@@ -107,6 +131,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] =
     tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)  # crop centre, normalised coordinates
     ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    if not hflip:
+        flip = torch.ones(n)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = sw * flip
     theta[:, 0, 2] = tx
@@ -126,11 +152,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _check_images(images: Any, what: str = "images") -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{what} must be a uint8 array N×H×W×3, got {getattr(images, 'shape', None)} "
+                         f"{getattr(images, 'dtype', type(images))}")
+
+
 def _check_inputs(model: MultiTaskClassifier, images: np.ndarray, labels: np.ndarray,
                   task_names: Sequence[str], counts: Sequence[Sequence[int]]) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be a uint8 array N×H×W×3, got {getattr(images, 'shape', None)} "
-                         f"{getattr(images, 'dtype', type(images))}")
+    _check_images(images)
     if len(task_names) != len(counts):
         raise ValueError(f"{len(task_names)} task names but counts for {len(counts)} tasks")
     labels = _check_labels(labels, counts)
@@ -146,6 +176,72 @@ def _check_inputs(model: MultiTaskClassifier, images: np.ndarray, labels: np.nda
     return labels
 
 
+def steps_for(epochs: float, n_images: int, batch_size: int = 64, min_steps: int = 1) -> int:
+    """Optimizer steps that show each of ``n_images`` images about ``epochs`` times at ``batch_size``,
+    and at least ``min_steps``: ``max(min_steps, ceil(epochs · n_images / batch_size))``.
+
+    For users who think in epochs. Note that a budget computed from the size of a training set that
+    includes synthetic images grows with the synthetic share; compute it from the real images (or
+    fix ``steps``) so that every point of a ratio sweep trains for the same number of steps.
+    """
+    if epochs <= 0 or n_images < 1 or batch_size < 1 or min_steps < 0:
+        raise ValueError(f"need epochs > 0, n_images >= 1, batch_size >= 1, min_steps >= 0; "
+                         f"got {epochs}, {n_images}, {batch_size}, {min_steps}")
+    return max(int(min_steps), math.ceil(epochs * n_images / batch_size))
+
+
+def macro_f1(pred: np.ndarray, target: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 as ``torchmetrics.MulticlassF1Score(average="macro")`` computes it, vectorised in numpy:
+    the mean of the per-class F1 over classes present in the targets or the predictions."""
+    pred = np.asarray(pred, dtype=np.int64)
+    target = np.asarray(target, dtype=np.int64)
+    cm = np.bincount(target * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2tp + fp + fn
+    present = denom > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / denom[present]))
+
+
+def evaluate_macro_f1(model: MultiTaskClassifier, images: np.ndarray, labels: np.ndarray,
+                      task_names: Sequence[str], *, batch_size: int = 256, device: str = "auto",
+                      dtype: str = "auto") -> dict[str, float]:
+    """Macro-F1 per task of ``model`` on ``(images, labels)`` (label column t is task ``task_names[t]``)."""
+    logits = predict_logits(model, images, batch_size=batch_size, device=device, dtype=dtype)
+    return {task: macro_f1(logits[task].argmax(axis=1), labels[:, t], model.num_classes[task])
+            for t, task in enumerate(task_names)}
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total`` (step counted from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _IndexStream:
+    """Batch indices drawn continuously, independent of the training-set size.
+
+    Weighted: each batch is ``batch_size`` independent draws with replacement, probability ∝ weight.
+    Unweighted: consecutive slices of a stream of random permutations (a batch may span two of them),
+    so every image is shown equally often.
+    """
+
+    def __init__(self, n: int, batch_size: int, weights: torch.Tensor | None, gen: torch.Generator):
+        self.n, self.bs, self.weights, self.gen = n, batch_size, weights, gen
+        self.buffer = torch.empty(0, dtype=torch.int64)
+
+    def next(self) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.bs, replacement=True, generator=self.gen)
+        while self.buffer.numel() < self.bs:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.gen)])
+        idx, self.buffer = self.buffer[:self.bs], self.buffer[self.bs:]
+        return idx
+
+
 def train_classifier(
     model: MultiTaskClassifier,
     images: np.ndarray,
@@ -153,49 +249,98 @@ def train_classifier(
     task_names: Sequence[str],
     *,
     counts: Sequence[Sequence[int]],
-    epochs: int = 10,
+    steps: int | None = None,
     batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-2,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
     beta: float = 0.999,
-    use_sampler: bool = True,
+    use_sampler: bool = False,
     class_weighted_loss: bool = True,
     augment: bool = True,
+    hflip: bool = True,
+    warmup_steps: int | None = None,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    epochs: int | None = None,
     progress: ProgressFn = null_progress,
 ) -> tuple[MultiTaskClassifier, dict[str, Any]]:
-    """Train ``model`` in place; return ``(model, history)`` with the model in eval mode.
+    """Train ``model`` in place for ``steps`` optimizer steps; return ``(model, history)`` in eval mode.
 
-    ``counts[t]`` are the class counts of task ``task_names[t]`` over the whole training set
-    (they set the class weights of the loss and of the sampler). Each epoch draws N indices, with
-    the weighted sampler (with replacement) or as a permutation; a last batch smaller than
-    ``batch_size`` is dropped when N > batch_size (BatchNorm needs more than one image).
+    **Budget in steps.** Batches of ``batch_size`` are drawn continuously until ``steps`` steps are
+    done, whatever the number of images: runs with more (synthetic) images train exactly as many
+    steps. With ``use_sampler`` each batch is drawn with replacement, image probability ∝
+    :func:`sample_weights`; otherwise from a stream of random permutations. (``epochs`` is the
+    deprecated budget of earlier versions: ``steps = steps_for(epochs, N, batch_size)``; give one.)
+
+    **Class weights.** ``counts[t]`` are the class counts of task ``task_names[t]`` that set the
+    effective-number class weights of the loss and of the sampler. They need not come from
+    ``labels``: pass the real training counts when synthetic images are mixed in, so that the ratio
+    does not change the weighting. A class that occurs in ``labels`` with count 0 gets the weight of
+    the task's rarest counted class (:func:`weighting_counts`).
     Loss: sum over tasks of the cross-entropy, each with that task's effective-number class weights
-    when ``class_weighted_loss``. AdamW (no decay on 1-D parameters), cosine learning rate per step.
+    when ``class_weighted_loss``. AdamW (no decay on 1-D parameters); learning rate: linear warmup
+    over ``warmup_steps`` (default 3% of ``steps``), then cosine to 0 at ``steps``.
+    ``augment``: random-resized crop (area 0.8–1) and, when ``hflip``, horizontal flips (turn flips
+    off for data where a mirror image is another class, such as digits).
 
-    GPU: autocast in ``dtype`` (bf16/fp16, see :mod:`porcelain.device`), a grad scaler for fp16,
-    channels-last memory; a uint8 training set up to ``GPU_RESIDENT_BYTES`` is moved to the GPU once,
+    **Model selection.** With ``val = (images, labels)`` (real images only), the mean over tasks of
+    the macro-F1 on val is computed every ``eval_every`` steps (default ``ceil(steps / 20)``) and at
+    the last step; the best state (first of ties) is kept on the CPU and restored at the end.
+    ``patience``: stop after that many evaluations in a row without improvement (``None``: never).
+
+    Channels-last memory on CPU and GPU. GPU: autocast in ``dtype`` (bf16/fp16, see
+    :mod:`porcelain.device`), a grad scaler for fp16; a uint8 training set up to ``GPU_RESIDENT_BYTES`` is moved to the GPU once,
     a larger one is copied per batch through pinned memory.
 
-    Deterministic for a given ``seed`` on CPU; the global RNG state is restored afterwards.
+    Deterministic for a given ``seed`` on CPU; torch's global RNG is not used.
     A NaN/inf loss raises :class:`NonFiniteLossError` at once, naming the step.
 
-    ``history``: ``loss`` / ``task_loss[task]`` / ``lr`` per epoch, ``step_loss`` per step,
-    ``steps``, ``seconds``, ``images_per_s``, ``device``, ``dtype``.
+    ``history``: ``steps`` (steps done), ``budget`` (steps asked), ``stopped_early``,
+    ``selected_step`` (the step whose weights the model holds), ``best_val_macro_f1`` (``None``
+    without val), ``val_curve`` (``[{"step", "mean_macro_f1", "per_task": {task: f1}}]``),
+    ``step_loss`` / ``lr_per_step`` per step; ``loss`` / ``task_loss[task]`` / ``lr`` as means over
+    windows of ``log_every`` steps ending at ``loss_steps``; ``batch_size``, ``warmup_steps``,
+    ``eval_every``, ``seconds``, ``images_per_s``, ``device``, ``dtype``.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     labels = _check_inputs(model, images, labels, task_names, counts)
+    n = images.shape[0]
+    if steps is None and epochs is None:
+        raise ValueError("give the training budget as steps= (optimizer steps)")
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps= or the deprecated epochs=, not both")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if steps is None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        steps = steps_for(epochs, n, min(batch_size, n))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 (evaluations), got {patience}")
+    warmup = round(0.03 * steps) if warmup_steps is None else int(warmup_steps)
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup_steps must lie in [0, steps), got {warmup} for {steps} steps")
+    if val is not None:
+        val_x, val_y = val
+        _check_images(val_x, "val images")
+        val_y = _check_labels(val_y, counts)
+        if len(val_x) != len(val_y) or len(val_x) == 0:
+            raise ValueError(f"val needs as many label rows as images (and at least one), got "
+                             f"{len(val_x)} and {len(val_y)}")
+    every = eval_every or max(1, math.ceil(steps / 20))
     dev = choose_device(device)
     cdtype = choose_dtype(dtype, dev)
-    n = images.shape[0]
-    bs = min(batch_size, n)
-    steps_per_epoch = max(1, n // bs)
-    total_steps = epochs * steps_per_epoch
+    bs = batch_size  # constant whatever N: batches may repeat images when N < batch_size
 
-    class_w = [effective_number_weights(c, beta).to(dev) if class_weighted_loss else None for c in counts]
+    w_counts = weighting_counts(labels, counts)
+    class_w = [effective_number_weights(c, beta).to(dev) if class_weighted_loss else None for c in w_counts]
     sampler_w = sample_weights(labels, counts, beta) if use_sampler else None
 
     x_all = torch.from_numpy(np.ascontiguousarray(images))
@@ -207,39 +352,58 @@ def train_classifier(
         else:  # large ones are copied batch by batch from pinned memory
             pin = True
 
-    history: dict[str, Any] = {"loss": [], "task_loss": {t: [] for t in task_names}, "lr": [], "step_loss": [],
-                               "steps": 0, "device": str(dev), "dtype": str(cdtype).removeprefix("torch.")}
+    history: dict[str, Any] = {
+        "loss": [], "task_loss": {t: [] for t in task_names}, "lr": [], "loss_steps": [], "log_every": every,
+        "step_loss": [], "lr_per_step": [], "steps": 0, "budget": int(steps), "batch_size": bs,
+        "warmup_steps": warmup, "eval_every": every if val is not None else None, "patience": patience,
+        "val_curve": [], "selected_step": None, "best_val_macro_f1": None, "stopped_early": False,
+        "device": str(dev), "dtype": str(cdtype).removeprefix("torch."),
+    }
     start = time.perf_counter()
     # All randomness comes from this run's own generators, never torch's global RNG, so that runs in
     # parallel threads (a sweep) stay reproducible. (A timm backbone's own dropout or drop-path,
     # off by default, would still use the global RNG.)
     gen = torch.Generator().manual_seed(seed)  # data order and augmentation
+    stream = _IndexStream(n, bs, sampler_w, gen)
     model.to(dev)
     set_dropout_generator(model, torch.Generator(device=dev).manual_seed(seed + 1))
-    if dev.type == "cuda":
+    channels_last = dev.type in ("cuda", "cpu")  # CPU: 1.4x faster for small_cnn, neutral for MobileNetV3
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
     scaler = grad_scaler(dev, cdtype)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score, since_best = -math.inf, 0
+    window_loss, window_task, window_lr, window_n = 0.0, [0.0] * len(task_names), 0.0, 0
+
+    def evaluate(step: int) -> bool:
+        """Score val at ``step``, keep the best state; True when patience has run out."""
+        nonlocal best_state, best_score, since_best
+        per_task = evaluate_macro_f1(model, val_x, val_y, task_names, device=str(dev), dtype=dtype)
+        score = float(np.mean(list(per_task.values())))
+        history["val_curve"].append({"step": step, "mean_macro_f1": score, "per_task": per_task})
+        if score > best_score:
+            best_score, since_best = score, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            history["selected_step"] = step
+        else:
+            since_best += 1
+        return patience is not None and since_best >= patience
+
     model.train()
     step = 0
-    for epoch in range(epochs):
-        if sampler_w is not None:
-            order = torch.tensor(list(WeightedRandomSampler(sampler_w, n, replacement=True, generator=gen)))
-        else:
-            order = torch.randperm(n, generator=gen)
-        epoch_loss, epoch_task = 0.0, [0.0] * len(task_names)
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        for b in range(steps_per_epoch):
-            idx = order[b * bs:(b + 1) * bs]
+    try:
+        while step < steps:
+            idx = stream.next()
             xb, yb = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
             if pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
             x = model.preprocess(xb)
             y = yb.to(dev, non_blocking=True)
             if augment:
-                x = _augment(x, gen)
-            if dev.type == "cuda":
+                x = _augment(x, gen, hflip=hflip)
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, cdtype):
                 logits = model(x)
@@ -253,22 +417,51 @@ def train_classifier(
             step += 1
             if not math.isfinite(value):
                 raise NonFiniteLossError(STAGE, step, value)
+            step_lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             history["step_loss"].append(value)
-            epoch_loss += value
+            history["lr_per_step"].append(step_lr)
+            window_loss += value
+            window_lr += step_lr
+            window_n += 1
             for t, tv in enumerate(task_values):
-                epoch_task[t] += tv
-            progress(step, total_steps, {"epoch": epoch + 1, "loss": value})
-        history["loss"].append(epoch_loss / steps_per_epoch)
-        for t, task in enumerate(task_names):
-            history["task_loss"][task].append(epoch_task[t] / steps_per_epoch)
-        history["lr"].append(epoch_lr)
-    set_dropout_generator(model, None)
-    model.eval()
+                window_task[t] += tv
+            stop = False
+            if step % every == 0 or step == steps:
+                history["loss"].append(window_loss / window_n)
+                history["lr"].append(window_lr / window_n)
+                history["loss_steps"].append(step)
+                for t, task in enumerate(task_names):
+                    history["task_loss"][task].append(window_task[t] / window_n)
+                window_loss, window_task, window_lr, window_n = 0.0, [0.0] * len(task_names), 0.0, 0
+                if val is not None:
+                    stop = evaluate(step)
+                    model.train()
+            info = {"loss": value}
+            if history["val_curve"] and history["val_curve"][-1]["step"] == step:
+                info["val_f1"] = history["val_curve"][-1]["mean_macro_f1"]
+            progress(step, steps, info)
+            if stop and step < steps:
+                history["stopped_early"] = True
+                break
+        if window_n:  # stopped early inside a window: close it
+            history["loss"].append(window_loss / window_n)
+            history["lr"].append(window_lr / window_n)
+            history["loss_steps"].append(step)
+            for t, task in enumerate(task_names):
+                history["task_loss"][task].append(window_task[t] / window_n)
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            history["best_val_macro_f1"] = best_score
+        else:
+            history["selected_step"] = step
+    finally:
+        set_dropout_generator(model, None)
+        model.eval()
     seconds = time.perf_counter() - start
     history.update(steps=step, seconds=seconds, images_per_s=step * bs / max(seconds, 1e-9))
     return model, history
@@ -293,7 +486,7 @@ def predict_logits(
     out: dict[str, list[np.ndarray]] = {t: [] for t in model.task_names}
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = model.preprocess(images[i:i + batch_size])
+            x = model.preprocess(images[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
             with autocast(dev, cdtype):
                 logits = model(x)
             for t in model.task_names:
