@@ -31,7 +31,7 @@ from porcelain.train.sweep import train_and_evaluate
 SIZE = 16
 RT = RuntimeConfig(device="cpu", threads=1)
 REF = ReferenceConfig(model="small_cnn", steps=150, eval_every=25, patience=None)
-CLS = ClassifierConfig(model="small_cnn", image_size=SIZE, steps=120, eval_every=30)
+CLS = ClassifierConfig(model="small_cnn", image_size=SIZE, steps=100, eval_every=25)
 
 
 def _dataset(root, scramble: bool) -> tuple[Store, dict]:
@@ -150,13 +150,16 @@ def test_chance_macro_f1_is_what_a_label_blind_predictor_scores():
     from porcelain.evaluate.stats import metric_values
 
     y = np.array([0] * 80 + [1] * 20)
-    assert chance_macro_f1(y, 2) == pytest.approx(metric_values(np.zeros(100, np.int64), y, 2, "macro_f1"))
+    constant = metric_values(np.zeros(100, np.int64), y, 2, "macro_f1")
+    rng = np.random.default_rng(0)
+    uniform = np.mean([metric_values(rng.integers(0, 2, 100), y, 2, "macro_f1") for _ in range(300)])
+    assert chance_macro_f1(y, 2) == pytest.approx(max(constant, uniform), abs=0.02)
     y10 = np.repeat(np.arange(10), 50)
     assert 0.09 < chance_macro_f1(y10, 10) < 0.11
 
 
 def _report(store: Store, data: dict, runs: list[dict]) -> str:
-    cfg = config_from_dict({"sweep": {"ratios": ["100:0", "90:10"], "seeds": [0, 1]},
+    cfg = config_from_dict({"sweep": {"ratios": ["100:0", "90:10"], "seeds": [0]},
                             "classifier": CLS.model_dump()})
     plan = plan_generation(store, data, cfg.sweep, GenerationConfig())
     summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": None,
@@ -167,20 +170,19 @@ def _report(store: Store, data: dict, runs: list[dict]) -> str:
 def _sweep(store: Store, data: dict) -> list[dict]:
     # "90:10" here gets no synthetic images: the comparison machinery, not synthesis, is under test
     return [train_and_evaluate(store, data, r, s, {"alloc": [], "shards": []}, CLS, RT)
-            for r in ("100:0", "90:10") for s in (0, 1)]
+            for r in ("100:0", "90:10") for s in (0,)]
 
 
 def test_a_classifier_trained_on_scrambled_labels_gets_no_verdict(scrambled):
     store, data, _ = scrambled
     runs = _sweep(store, data)
-    assert {r["steps"] for r in runs} == {120}
+    assert {r["steps"] for r in runs} == {100}
     md = _report(store, data, runs)
     for t in ("digit", "loops", "parity"):
         assert f"Classifier did not learn `{t}`" in md
         assert f"| 90:10 | {t} |" in md
-    table = md.split("## Does synthetic data help?")[1].split("## ")[0]
-    assert table.count("not compared: classifier did not learn this task") == 3
-    assert "no clear difference" not in table and "better" not in table
+    rows = [r for r in md.split("## Does synthetic data help?")[1].split("## ")[0].splitlines() if r.startswith("| 90:10")]
+    assert len(rows) == 3 and all(r.endswith("| not compared: classifier did not learn this task |") for r in rows)
 
 
 def test_a_classifier_that_learned_gets_a_verdict_with_a_detectable_difference(real):
@@ -188,8 +190,9 @@ def test_a_classifier_that_learned_gets_a_verdict_with_a_detectable_difference(r
     runs = _sweep(store, data)
     md = _report(store, data, runs)
     assert "Classifier did not learn `digit`" not in md
-    table = md.split("## Does synthetic data help?")[1].split("## ")[0]
+    rows = [r for r in md.split("## Does synthetic data help?")[1].split("## ")[0].splitlines() if r.startswith("| 90:10")]
     # identical training (no synthetic images): zero difference, and a verdict rather than a refusal
-    assert "| 90:10 | digit | +0.000 [+0.000, +0.000] |" in table
-    assert "no clear difference" in table and "not compared" not in table
+    digit = next(r for r in rows if r.startswith("| 90:10 | digit |"))
+    assert "| +0.000 [+0.000, +0.000] |" in digit and digit.endswith("| no clear difference |")
+    assert not any("not compared" in r for r in rows)
     assert "## Training budget" in md and "| 100:0 | 0 |" in md
