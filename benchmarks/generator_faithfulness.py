@@ -50,7 +50,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from porcelain.data.sample import CLASSES, TASKS, plan_sample, render  # noqa: E402
-from porcelain.evaluate.faithfulness import judge_accuracy, label_faithfulness, train_judge  # noqa: E402
+from porcelain.models.classifier import create_classifier  # noqa: E402
+from porcelain.train.classifier import predict, train_classifier  # noqa: E402
 from porcelain.generate.plan import allocate, combination_counts, synthetic_budget  # noqa: E402
 from porcelain.generate.sampling import sample_images  # noqa: E402
 from porcelain.models.generator import (  # noqa: E402
@@ -93,6 +94,28 @@ def nearest_rms(x: np.ndarray, train: np.ndarray) -> np.ndarray:
 def fmt_row(name: str, values: dict[int, float]) -> str:
     cells = "".join(f"{values[t] * 100:>9.1f}" for t in range(len(TASKS)))
     return f"{name:<34}{cells}{min(values.values()) * 100:>9.1f}"
+
+
+def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: list[int], epochs: int, seed: int):
+    """The judge: porcelain's small-image classifier (the reference classifier's architecture)."""
+    model = create_classifier("small_cnn", num_classes={str(t): n for t, n in enumerate(num_classes)}, seed=seed)
+    counts = [np.bincount(labels[:, t], minlength=n).tolist() for t, n in enumerate(num_classes)]
+    steps = max(300, epochs * len(images) // 64)
+    model, _ = train_classifier(model, images, labels, [str(t) for t in range(len(num_classes))], counts=counts,
+                                steps=steps, hflip=True, seed=seed, device="cpu")
+    return model
+
+
+def _agreement(judge, images: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    pred = predict(judge, images, device="cpu")
+    out = {}
+    for t, n_t in enumerate(judge.num_classes.values()):
+        keep = labels[:, t] != n_t  # the null label: that task was left free
+        out[t] = float((pred[t][keep] == labels[keep, t]).mean()) if keep.any() else float("nan")
+    return out
+
+
+judge_accuracy = label_faithfulness = _agreement
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -81,9 +81,45 @@ class StorageConfig(_Model):
 class GeneratorConfig(_Model):
     """Closed-set attribute-conditional diffusion model, trained from scratch on the train split."""
 
+    class Spec(_Model):
+        """Overrides of the preset's architecture and noise schedule (``GeneratorSpec`` in
+        ``porcelain/models/generator.py``). A key left out, or null, keeps the preset's value; an unknown
+        key is a config error. ``resolution`` and the class counts come from the run, not from here."""
+
+        block_out_channels: tuple[Annotated[int, Field(ge=8, le=1024)], ...] | None = Field(
+            None, min_length=1, max_length=5, description="UNet channels per resolution level, highest first.")
+        layers_per_block: Annotated[int, Field(ge=1, le=8)] | None = None
+        attention: tuple[bool, ...] | None = Field(
+            None, min_length=1, max_length=5, description="Self-attention per level (one flag per block_out_channels).")
+        mid_attention: bool | None = None
+        attention_head_dim: Annotated[int, Field(ge=1, le=1024)] | None = None
+        norm_num_groups: Annotated[int, Field(ge=1, le=256)] | None = None
+        patch_size: Annotated[int, Field(ge=1, le=8)] | None = Field(
+            None, description="The UNet works on a space-to-depth view: 2 turns 32×32×3 into 16×16×12.")
+        label_embed_init_std: Annotated[float, Field(gt=0, le=10)] | None = None
+        resnet_time_scale_shift: Literal["default", "scale_shift"] | None = Field(
+            None, description="scale_shift: labels scale and shift the UNet's features (AdaGN); default: add only.")
+        num_train_timesteps: Annotated[int, Field(ge=10, le=10_000)] | None = None
+        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None
+        noise_shift: Annotated[float, Field(gt=0, le=64)] | None = Field(
+            None, description="Divide every timestep's signal-to-noise ratio by noise_shift² (resolution shift).")
+
+        @model_validator(mode="after")
+        def _one_flag_per_level(self) -> GeneratorConfig.Spec:
+            if self.attention is not None and self.block_out_channels is not None \
+                    and len(self.attention) != len(self.block_out_channels):
+                raise ValueError(f"attention needs one flag per entry of block_out_channels, got "
+                                 f"{len(self.attention)} and {len(self.block_out_channels)}")
+            return self
+
+        def overrides(self) -> dict[str, Any]:
+            """The keys that were set, as ``create_generator`` keyword arguments."""
+            return self.model_dump(exclude_none=True)
+
     preset: Literal["tiny", "small"] = "small"
-    spec: dict[str, Any] = Field(default_factory=dict, description="Overrides of the preset's GeneratorSpec fields "
-                                 "(block_out_channels, attention, patch_size, norm_num_groups, …).")
+    spec: Spec = Field(default_factory=Spec, description="Overrides of the preset's GeneratorSpec fields; "
+                       "null keeps the preset's value, unknown keys are errors.")
     resolution: Annotated[int, Field(ge=8, le=128)] = 32
     train_steps: Annotated[int, Field(ge=1)] = 3000
     batch_size: Annotated[int, Field(ge=1)] = 32
@@ -96,6 +132,10 @@ class GeneratorConfig(_Model):
         "1 uniform over combinations, so that the generator learns the rare combinations the targeted plan "
         "asks for (on the sample, additive conditioning, 1600 steps: rarest-combination faithfulness dynasty "
         "87→95%, with no sign of copying; benchmarks/generator_faithfulness.py).")
+    hflip: bool = Field(
+        False, description="Also train on mirrored images. Only for classes that a mirror image keeps (a vase seen "
+        "from the other side), never for digits or text: on the digits set flips took digit faithfulness "
+        "from 88% to 47% (benchmarks/generator_digits.py).")
     seed: int = 0
 
 
@@ -134,7 +174,9 @@ class ClassifierConfig(_Model):
         0.999, description="Effective-number β of the class weights; weights come from the real train counts only.")
     use_sampler: bool = True
     class_weighted_loss: bool = True
-    augment: bool = True
+    augment: bool = Field(True, description="Random resized crops (and flips when hflip).")
+    hflip: bool = Field(False, description="Random horizontal flips: only for images whose labels survive "
+                        "mirroring (vessels, glazes); never for text, digits or asymmetric marks.")
     eval_every: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Evaluate on val every this many steps (default: about 20 times per run).")
     patience: Annotated[int, Field(ge=1)] | None = Field(
@@ -219,6 +261,7 @@ class ReferenceConfig(_Model):
     steps: Annotated[int, Field(ge=1)] = 1500
     batch_size: Annotated[int, Field(ge=2)] = 64
     lr: Annotated[float, Field(gt=0, le=1.0)] = 2e-3
+    hflip: bool = Field(False, description="As classifier.hflip.")
     eval_every: Annotated[int, Field(ge=1)] | None = None
     patience: Annotated[int, Field(ge=1)] | None = Field(8, description="Evaluations without improvement before stopping.")
     floor: Annotated[float, Field(ge=0, le=1)] = Field(

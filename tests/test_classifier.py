@@ -143,7 +143,7 @@ def test_class_with_count_zero_gets_the_weight_of_the_rarest_class():
 
 
 def test_presets_and_forward():
-    assert {"mobilenetv3_large_100", "small_cnn", "tiny"} <= set(PRESETS)
+    assert {"mobilenetv3_large_100", "small_cnn", "resnet10t", "tiny"} <= set(PRESETS)
     model = create_classifier("tiny", NUM_CLASSES, seed=0).eval()
     images = np.zeros((2, 32, 32, 3), np.uint8)
     out = model(model.preprocess(images))
@@ -217,18 +217,18 @@ def test_seeded_creation_is_deterministic_and_keeps_global_rng():
 def test_small_image_backbones_are_timm_models():
     import timm
 
-    for name in ("porcelain_small_cnn", "porcelain_resnet10t_lowres"):
-        assert timm.is_model(name)
-        backbone = timm.create_model(name, num_classes=0, pretrained=False)
-        feats = backbone(torch.zeros(2, 3, 32, 32))
-        assert feats.shape == (2, backbone.num_features)
-        assert timm.data.resolve_model_data_config(backbone)["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
-        with pytest.raises(ValueError, match="no published weights"):
-            timm.create_model(name, pretrained=True)
-    narrow = timm.create_model("porcelain_small_cnn", num_classes=5, widths=(8, 16), depth=1)
+    assert timm.is_model("porcelain_small_cnn")
+    backbone = timm.create_model("porcelain_small_cnn", num_classes=0, pretrained=False)
+    assert backbone.num_features == 256  # widths (32, 64, 128, 256), one conv per stage
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules()) == 4
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 256)
+    assert backbone.forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    assert timm.data.resolve_model_data_config(backbone)["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    with pytest.raises(ValueError, match="no published weights"):
+        timm.create_model("porcelain_small_cnn", pretrained=True)
+    narrow = timm.create_model("porcelain_small_cnn", num_classes=5, widths=(8, 16), depth=(1, 2))
     assert narrow(torch.zeros(1, 3, 16, 16)).shape == (1, 5) and narrow.num_features == 16
-    lowres = timm.create_model("porcelain_resnet10t_lowres", num_classes=0)
-    assert lowres.forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)  # stride-1 stem, no max-pool
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in narrow.modules()) == 3
 
 
 def test_small_cnn_weights_round_trip(tmp_path):
@@ -243,7 +243,8 @@ def test_small_cnn_weights_round_trip(tmp_path):
     (32, False, "small_cnn", "no pretrained weights"),
     (16, False, "small_cnn", "16 px"),
     (64, False, "small_cnn", "64 px"),
-    (224, False, "small_cnn", "measured"),
+    (96, False, "resnet10t", "measured"),
+    (224, False, "resnet10t", "96 px"),
     (32, True, "mobilenetv3_large_100", "weights given"),
     (224, True, "mobilenetv3_large_100", "paper"),
 ])

@@ -107,7 +107,7 @@ def _train(store: Store, data: dict[str, Any], cfg: ReferenceConfig, image_size:
     model = create_classifier(name, num_classes=num_classes, weights=cfg.weights, seed=cfg.seed)
     model, history = train_classifier(
         model, fit_x, fit_y, tasks, counts=counts, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-        seed=cfg.seed, device=runtime.device, dtype=runtime.dtype, val=(val_x[stop], val_y[stop]),
+        hflip=cfg.hflip, seed=cfg.seed, device=runtime.device, dtype=runtime.dtype, val=(val_x[stop], val_y[stop]),
         eval_every=cfg.eval_every, patience=cfg.patience, progress=LogProgress("reference classifier"))
     test_x, test_y = load_split(store, h, image_size, n, "test")
     pred = predict(model, test_x, device=runtime.device, dtype=runtime.dtype)

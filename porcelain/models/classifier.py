@@ -5,7 +5,7 @@ Backbones (:data:`PRESETS`, or any timm model name):
 * ``mobilenetv3_large_100`` — the porcelain paper's choice, for photographs with pretrained
   (ImageNet) weights;
 * ``small_cnn`` — a plain CNN for small images trained from scratch (:mod:`porcelain.models.small_image`);
-* ``resnet_lowres`` — timm's ResNet-10-T with a stride-1 stem and no stem max-pool (CIFAR style);
+* ``resnet10t`` — timm's ResNet-10-T (stride-2 stem and max-pool), for larger images without weights;
 * ``tiny`` — ``mobilenetv3_small_050``, for fast tests.
 
 ``"auto"`` (:func:`resolve_classifier`) picks one from the image size and whether weights are given.
@@ -25,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-import porcelain.models.small_image  # noqa: F401  (registers porcelain_small_cnn, porcelain_resnet10t_lowres with timm)
+import porcelain.models.small_image  # noqa: F401  (registers porcelain_small_cnn with timm)
 from porcelain.errors import WeightsError
 from porcelain.models.weights import load_pretrained_backbone
 
@@ -61,7 +61,7 @@ def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mobilenetv3_large_100": ("mobilenetv3_large_100", {}),  # the paper's default, with pretrained weights
     "small_cnn": ("porcelain_small_cnn", {"widths": (32, 64, 128, 256), "depth": 1}),
-    "resnet_lowres": ("porcelain_resnet10t_lowres", {}),
+    "resnet10t": ("resnet10t", {}),  # larger images (> SMALL_IMAGE_MAX_PX) without weights
     "tiny": ("mobilenetv3_small_050", {}),
 }
 DEFAULT_MODEL = "mobilenetv3_large_100"
@@ -75,7 +75,10 @@ def resolve_classifier(name: str, image_size: int, has_weights: bool) -> tuple[s
 
     * weights given → ``mobilenetv3_large_100`` (the porcelain paper's backbone, fine-tuned);
     * no weights, ``image_size <= SMALL_IMAGE_MAX_PX`` → ``small_cnn``;
-    * no weights, larger images → ``small_cnn`` as well (see the reason string).
+    * no weights, larger images → ``resnet10t`` (timm's ResNet-10-T from scratch): on the built-in
+      sample at 96 px (300 steps) it reached mean macro-F1 0.99 against 0.94 for ``small_cnn``, whose
+      receptive field (~31 px) misses the vessel silhouette (type 0.78), and 0.96 for MobileNetV3-Large
+      from random initialisation, at 1.4× the time of ``small_cnn``.
 
     Any other name is returned as it is (after checking that it exists), with reason "asked for".
     """
@@ -93,9 +96,9 @@ def resolve_classifier(name: str, image_size: int, has_weights: bool) -> tuple[s
         return "small_cnn", (
             f"auto: {image_size} px images, no pretrained weights -> small_cnn (a plain CNN trains from "
             f"scratch on few small images; MobileNetV3 from random init does not)")
-    return "small_cnn", (
-        f"auto: {image_size} px images, no pretrained weights -> small_cnn (measured; give ImageNet weights "
-        f"to use mobilenetv3_large_100)")
+    return "resnet10t", (
+        f"auto: {image_size} px images, no pretrained weights -> resnet10t (measured from scratch on 96 px images: "
+        f"beat small_cnn and MobileNetV3-Large; give ImageNet weights to use mobilenetv3_large_100)")
 
 
 def preprocess(

@@ -34,10 +34,14 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
+from porcelain.config import GenerationConfig, GeneratorConfig
+
 __all__ = [
+    "DEFAULT_BALANCE",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EMA",
     "DEFAULT_GUIDANCE",
+    "DEFAULT_HFLIP",
     "DEFAULT_LABEL_DROPOUT",
     "DEFAULT_LR",
     "DEFAULT_PRESET",
@@ -53,20 +57,26 @@ __all__ = [
     "list_generator_presets",
 ]
 
-# Chosen defaults for the "small" preset on the built-in 32 px sample (2 CPU cores), measured with
-# benchmarks/generator_faithfulness.py. Training (porcelain.train.generator):
-DEFAULT_PRESET = "small"
-DEFAULT_TRAIN_STEPS = 1200
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = 2e-3
+# Defaults live in one place, the run configuration (porcelain/config.py: GeneratorConfig and
+# GenerationConfig, which say where each was measured); the library's keyword defaults read them, so
+# a run with the default config and a direct call of train_generator / sample_images agree.
+_TRAIN = GeneratorConfig.model_fields
+_SAMPLE = GenerationConfig.model_fields
+# Training (porcelain.train.generator):
+DEFAULT_PRESET: str = _TRAIN["preset"].default
+DEFAULT_TRAIN_STEPS: int = _TRAIN["train_steps"].default
+DEFAULT_BATCH_SIZE: int = _TRAIN["batch_size"].default
+DEFAULT_LR: float = _TRAIN["lr"].default
 DEFAULT_WARMUP_STEPS = 50
-DEFAULT_EMA: float | None = 0.995
-DEFAULT_LABEL_DROPOUT = 0.1
-DEFAULT_SNR_GAMMA: float | None = 5.0
+DEFAULT_EMA: float | None = _TRAIN["ema"].default
+DEFAULT_LABEL_DROPOUT: float = _TRAIN["label_dropout"].default
+DEFAULT_SNR_GAMMA: float | None = _TRAIN["snr_gamma"].default
+DEFAULT_BALANCE: float = _TRAIN["balance"].default
+DEFAULT_HFLIP: bool = _TRAIN["hflip"].default
 # Sampling (porcelain.generate.sampling):
-DEFAULT_SAMPLING_STEPS = 25
-DEFAULT_GUIDANCE = 1.5
-DEFAULT_SAMPLE_BATCH_SIZE = 64
+DEFAULT_SAMPLING_STEPS: int = _SAMPLE["steps"].default
+DEFAULT_GUIDANCE: float = _SAMPLE["guidance"].default
+DEFAULT_SAMPLE_BATCH_SIZE: int = _SAMPLE["batch_size"].default
 
 
 @dataclass
@@ -96,6 +106,10 @@ class GeneratorSpec:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
+    # Resolution shift of the schedule (Hoogeboom et al. 2023, "simple diffusion"): every timestep's
+    # signal-to-noise ratio is divided by noise_shift², so that an image whose content is coarser than
+    # its pixel grid (an upscaled scan) is as noisy at each step as a sharp one. 1 = the plain schedule.
+    noise_shift: float = 1.0
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -123,6 +137,8 @@ class GeneratorSpec:
                              f"got {self.resnet_time_scale_shift!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if not 0 < self.noise_shift <= 64:
+            raise ValueError(f"noise_shift must be in (0, 64], got {self.noise_shift}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -146,11 +162,14 @@ class GeneratorSpec:
         return cls(**data)
 
     def noise_scheduler_config(self) -> dict[str, Any]:
-        return {
+        cfg: dict[str, Any] = {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "prediction_type": self.prediction_type,
         }
+        if self.noise_shift != 1.0:
+            cfg["trained_betas"] = shifted_betas(self.num_train_timesteps, self.beta_schedule, self.noise_shift)
+        return cfg
 
     def make_train_scheduler(self) -> DDPMScheduler:
         """The DDPM forward-noising schedule used in training."""
@@ -160,6 +179,15 @@ class GeneratorSpec:
         """A deterministic DDIM sampler on the same schedule (``trailing`` spacing suits few steps)."""
         return DDIMScheduler(**self.noise_scheduler_config(), clip_sample=True,
                              set_alpha_to_one=False, timestep_spacing="trailing")
+
+
+def shifted_betas(num_train_timesteps: int, beta_schedule: str, shift: float) -> list[float]:
+    """Betas of ``beta_schedule`` with every alpha_bar's SNR divided by ``shift ** 2``."""
+    base = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).alphas_cumprod
+    a = base.double()
+    a = a / (a + shift ** 2 * (1.0 - a))
+    prev = torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
+    return (1.0 - a / prev).clamp(0.0, 0.999).tolist()
 
 
 class ConditionalUNet(nn.Module):

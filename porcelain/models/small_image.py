@@ -12,10 +12,10 @@ published weights: ``pretrained=True`` is an error (local weights go through
   The default, widths (32, 64, 128, 256) with one conv per stage, is the ``small_cnn`` preset of
   :data:`porcelain.models.classifier.PRESETS`: on the digits set (32 px) it beat 3 stages of one conv
   (digit macro-F1 0.93 vs 0.89) and of two convs (0.92, at twice the time).
-* ``porcelain_resnet10t_lowres`` — timm's ResNet-10-T (basic blocks, one per stage, deep-tiered stem,
-  average-pool shortcuts) with the stem's first convolution at stride 1 and no stem max-pool, so that
-  a 32 px image reaches the last stage at 4×4 rather than 1×1 (the CIFAR-style stem). ``channels``
-  and ``stem_width`` are timm's ResNet arguments (default here: (32, 64, 128, 256) and 16).
+
+A low-resolution ResNet (timm's ResNet-10-T, channels 32–256, with a stride-1 stem and no stem
+max-pool) was measured too and left out: on digits at 16 px it reached digit macro-F1 0.921 against
+the small CNN's 0.937, at 4× the time per run (benchmarks/RESULTS.md, "Classifier on digits").
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from torch import nn
 
-__all__ = ["SmallCNN", "porcelain_resnet10t_lowres", "porcelain_small_cnn"]
+__all__ = ["SmallCNN", "porcelain_small_cnn"]
 
 # timm passes these to every entrypoint; they concern published weights, which these models lack.
 _TIMM_CFG_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _cfg(classifier: str, **kw: Any) -> dict[str, Any]:
+    """timm's pretrained_cfg fields that :func:`timm.data.resolve_model_data_config` and weight loading read."""
     return {"num_classes": 0, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
             "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
             "first_conv": "stem.0", "classifier": classifier, **kw}
@@ -102,18 +102,3 @@ class SmallCNN(nn.Module):
 def porcelain_small_cnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
     """A plain CNN for small images (module docstring): widths (32, 64, 128, 256), depth 1 by default."""
     return SmallCNN(**_no_published_weights("porcelain_small_cnn", pretrained, kwargs))
-
-
-@register_model
-def porcelain_resnet10t_lowres(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """timm ResNet-10-T with a stride-1 stem and no stem max-pool (module docstring)."""
-    kwargs = _no_published_weights("porcelain_resnet10t_lowres", pretrained, kwargs)
-    kwargs.setdefault("channels", (32, 64, 128, 256))
-    kwargs.setdefault("stem_width", 16)
-    model = timm.create_model("resnet10t", pretrained=False, **kwargs)
-    first = model.conv1[0]
-    first.stride = (1, 1)
-    model.maxpool = nn.Identity()
-    model.pretrained_cfg = model.default_cfg = _cfg("fc", architecture="porcelain_resnet10t_lowres",
-                                                    first_conv="conv1.0")
-    return model

@@ -293,8 +293,8 @@ def train_classifier(
     ``patience``: stop after that many evaluations in a row without improvement (``None``: never).
 
     Channels-last memory on CPU and GPU. GPU: autocast in ``dtype`` (bf16/fp16, see
-    :mod:`porcelain.device`), a grad scaler for fp16; a uint8 training set up to ``GPU_RESIDENT_BYTES`` is moved to the GPU once,
-    a larger one is copied per batch through pinned memory.
+    :mod:`porcelain.device`), a grad scaler for fp16; a uint8 training set up to
+    ``GPU_RESIDENT_BYTES`` is moved to the GPU once, a larger one is copied per batch through pinned memory.
 
     Deterministic for a given ``seed`` on CPU; torch's global RNG is not used.
     A NaN/inf loss raises :class:`NonFiniteLossError` at once, naming the step.

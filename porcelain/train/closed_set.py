@@ -39,12 +39,13 @@ def _train(store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: Ru
     num_classes = [len(data["classes"][t]) for t in data["tasks"]]
     # Seeded initialisation that leaves torch's global RNG as it was (other tasks may be using it).
     model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution, seed=cfg.seed,
-                             **cfg.spec)
+                             **cfg.spec.overrides())
     start = time.monotonic()
     model, history = train_generator(
         model, images, labels, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         label_dropout=cfg.label_dropout, seed=cfg.seed, device=runtime.device, dtype=runtime.dtype,
-        ema=cfg.ema, snr_gamma=cfg.snr_gamma, balance=cfg.balance, progress=LogProgress("closed-set generator training"),
+        ema=cfg.ema, snr_gamma=cfg.snr_gamma, balance=cfg.balance, hflip=cfg.hflip,
+        progress=LogProgress("closed-set generator training"),
     )
     seconds = time.monotonic() - start
     spec = model.spec.to_dict()

@@ -65,7 +65,7 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
     model, history = train_classifier(
         model, x, y, tasks, counts=data["train_counts"], steps=budget, batch_size=cfg.batch_size, lr=cfg.lr,
         weight_decay=cfg.weight_decay, beta=cfg.beta, use_sampler=cfg.use_sampler,
-        class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, seed=seed,
+        class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, hflip=cfg.hflip, seed=seed,
         device=runtime.device, dtype=runtime.dtype, val=val if len(val[0]) else None,
         eval_every=cfg.eval_every, patience=cfg.patience, progress=LogProgress(f"classifier {ratio} seed {seed}"),
     )
