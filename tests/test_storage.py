@@ -53,3 +53,17 @@ def test_s3_store_round_trip(moto_server, s3_bucket):
     assert st.read_bytes(key) == b"png-bytes"
     assert st.list("objects") == [key]
     assert st.uri("x.json") == f"{s3_bucket}/runs/x.json"
+
+
+def test_read_verified_refuses_bytes_that_changed(tmp_path):
+    import hashlib
+
+    from porcelain.errors import WeightsError
+
+    store = Store(str(tmp_path))
+    key = store.write_bytes("reference/x/model.safetensors", b"weights")
+    sha = hashlib.sha256(b"weights").hexdigest()
+    assert store.read_verified(key, sha) == b"weights"
+    store.write_bytes(key, b"tampered")
+    with pytest.raises(WeightsError, match="does not match its recorded sha256"):
+        store.read_verified(key, sha)

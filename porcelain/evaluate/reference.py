@@ -21,7 +21,7 @@ import numpy as np
 
 from porcelain.config import ReferenceConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
-from porcelain.errors import DataError, WeightsError
+from porcelain.errors import DataError
 from porcelain.evaluate.stats import metric_values
 from porcelain.hashing import code_version, stable_hash
 from porcelain.models.classifier import MultiTaskClassifier, create_classifier, resolve_classifier
@@ -133,10 +133,7 @@ def load_reference(store: Store, card: dict[str, Any]) -> MultiTaskClassifier:
     """The stored reference classifier of ``card``, checked against its recorded sha256."""
     sha = card["weights_sha256"]
     if sha not in _LOADED:
-        blob = store.read_bytes(card["weights"])
-        if hashlib.sha256(blob).hexdigest() != sha:
-            raise WeightsError(f"{card['weights']} does not match its recorded sha256: the stored weights changed")
-        state, _ = load_weights(blob)
+        state, _ = load_weights(store.read_verified(card["weights"], sha))
         model = create_classifier(card["architecture"], num_classes=card["num_classes"])
         model.load_state_dict(state)
         _LOADED.clear()

@@ -7,14 +7,12 @@ unreferenced objects and never a half shard. A rerun skips every shard whose man
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
 from porcelain.config import GenerationConfig, RuntimeConfig
 from porcelain.data.images import decode_image, encode_png, to_array
-from porcelain.errors import WeightsError
 from porcelain.generate.plan import ShardSpec
 from porcelain.generate.sampling import sample_images
 from porcelain.hashing import code_version, stable_hash
@@ -41,10 +39,7 @@ def load_generator(store: Store, gen: dict[str, Any]) -> ConditionalUNet:
     """Load the generator a reference points to, checking the weights against their recorded hash."""
     sha = gen["weights_sha256"]
     if sha not in _MODELS:
-        blob = store.read_bytes(gen["weights"])
-        if hashlib.sha256(blob).hexdigest() != sha:
-            raise WeightsError(f"{gen['weights']} does not match its recorded sha256: the stored weights changed or are corrupt")
-        state, _ = load_weights(blob)
+        state, _ = load_weights(store.read_verified(gen["weights"], sha))
         model = create_generator(gen["spec"])
         model.load_state_dict(state)
         _MODELS.clear()

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from porcelain.errors import PorcelainError
+from porcelain.errors import PorcelainError, WeightsError
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._\-/=+]+$")
 
@@ -82,6 +82,13 @@ class Store:
             return self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             raise FileNotFoundError(f"{key!r} is not in the store {self.url}") from None
+
+    def read_verified(self, key: str, sha256: str) -> bytes:
+        """The bytes at ``key``, checked against the SHA-256 recorded when they were written."""
+        blob = self.read_bytes(key)
+        if sha256_bytes(blob) != sha256:
+            raise WeightsError(f"{key} does not match its recorded sha256: the stored weights changed or are corrupt")
+        return blob
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key).decode("utf-8"))
