@@ -15,9 +15,14 @@ the same porcelain settings against the demo's earlier setting (``tiny`` = mobil
 
 Prints per-task test macro-F1 (mean and range over runs) and seconds per run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_digits.py            # full: ~1 h on 2 busy cores
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_digits.py --quick    # smoke run: ~1 min
-    ... --study imbalance   # sampler / weighted loss / both / neither, with minority-class macro-F1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_digits.py            # full: ~50 min on 2 busy cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/classifier_digits.py --quick    # smoke run: ~3 min
+    ... --study imbalance --splits 0 1 --seeds 0 1   # sampler / weighted loss / both / neither (~35 min)
+    ... --study ablation --splits 0 --seeds 0 1       # backbone, augmentation, lr, warmup (~50 min)
+    ... --study size --seeds 0                        # backbone by image size on the sample (~30 min)
+    ... --study budget --seeds 0                      # 600 / 300 / 150 steps on the sample (~4 min)
+
+Results and what they decided: benchmarks/RESULTS.md, "Classifier on digits".
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from porcelain.evaluate.metrics import evaluate_predictions  # noqa: E402
-from porcelain.models.classifier import create_classifier, resolve_classifier  # noqa: E402
+from porcelain.models.classifier import PRESETS, create_classifier, resolve_classifier  # noqa: E402
 from porcelain.train.classifier import effective_number_weights, macro_f1, predict, train_classifier  # noqa: E402
 
 # The recommended defaults (see the docstring of train_classifier and benchmarks/RESULTS.md).
@@ -125,7 +130,7 @@ def run_plain(data: Any, seed: int, steps: int) -> tuple[dict[str, Any], float]:
     return _metrics(_plain_predict(model, test_x), test_y, tasks, num_classes, counts), seconds
 
 
-def run_porcelain(data: Any, seed: int, settings: dict[str, Any], hflip: bool = True,
+def run_porcelain(data: Any, seed: int, settings: dict[str, Any], hflip: bool = True,  # True: the sample
                   model: str = "auto", use_val: bool = True) -> tuple[dict[str, Any], float, dict[str, Any]]:
     tasks = data.tasks
     num_classes = [len(data.classes[t]) for t in tasks]
@@ -163,6 +168,28 @@ class _Sample:
         self.tasks = TASKS
         self.classes = {t: list(CLASSES[t]) for t in TASKS}
         self.splits = {s: (images[split == i], labels[split == i]) for i, s in enumerate(("train", "val", "test"))}
+
+
+# Design choices measured on digits split 0, seeds 0 and 1 (--study ablation): name -> (settings, hflip).
+PRESETS.setdefault("small_cnn_3x1", ("porcelain_small_cnn", {"widths": (32, 64, 128), "depth": 1}))
+PRESETS.setdefault("small_cnn_3x2", ("porcelain_small_cnn", {"widths": (32, 64, 128), "depth": 2}))
+PRESETS.setdefault("small_cnn_3x122", ("porcelain_small_cnn", {"widths": (32, 64, 128), "depth": (1, 2, 2)}))
+ABLATION: dict[str, tuple[dict[str, Any], bool]] = {
+    "default (small_cnn = 4 stages x 1 conv)": ({}, False),
+    "3 stages x 1 conv (32-64-128)": ({"model": "small_cnn_3x1"}, False),
+    "3 stages x 2 convs": ({"model": "small_cnn_3x2"}, False),
+    "3 stages x (1, 2, 2) convs": ({"model": "small_cnn_3x122"}, False),
+    "resnet10t (timm, from scratch)": ({"model": "resnet10t"}, False),
+    "mobilenetv3_large_100 (from scratch)": ({"model": "mobilenetv3_large_100"}, False),
+    "tiny (mobilenetv3_small_050)": ({"model": "tiny"}, False),
+    "with horizontal flips": ({}, True),
+    "no augmentation": ({"augment": False}, False),
+    "lr 0.005": ({"lr": 5e-3}, False),
+    "no warmup": ({"warmup_steps": 0}, False),
+}
+# Backbone by image size on the sample, 300 steps of batch 32, seed 0 (--study size).
+SIZES: dict[int, tuple[str, ...]] = {32: ("small_cnn", "resnet10t"), 64: ("small_cnn", "resnet10t"),
+                                     96: ("small_cnn", "resnet10t", "mobilenetv3_large_100")}
 
 
 # ---------------------------------------------------------------------------- tables
@@ -206,7 +233,10 @@ def _loop(label: str, fn: Callable[[], tuple], out: list) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: one split, one seed, 60 steps, small sample")
-    ap.add_argument("--study", choices=("compare", "imbalance"), default="compare")
+    ap.add_argument("--study", choices=("compare", "imbalance", "ablation", "size", "budget"), default="compare",
+                    help="compare (default): plain CNN vs porcelain, and the sample; imbalance: sampler/loss "
+                         "variants; ablation: design choices on digits (use --splits 0 --seeds 0 1); size: backbone "
+                         "by image size; budget: steps 600/300/150 on the sample")
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", type=int, default=32)
@@ -249,6 +279,37 @@ def main() -> None:
                       rows["porcelain auto, recommended defaults"])
             tables.append(_table(f"built-in sample, {len(sample.splits['train'][0])} train images, 32 px, real only, "
                                  f"seeds {seeds}", sample.tasks, rows))
+    elif args.study == "ablation":
+        rows = {k: [] for k in ABLATION}
+        for split in splits:
+            data = load_digits_data(size=args.size, seed=split)
+            tasks = data.tasks
+            for seed in seeds:
+                for name, (extra, hflip) in ABLATION.items():
+                    s = dict(settings, **extra)
+                    _loop(f"digits split {split} seed {seed} {name}",
+                          lambda: run_porcelain(data, seed, s, hflip=hflip), rows[name])
+        tables.append(_table(f"design choices on digits, {args.size} px, real only, val-selected, "
+                             f"splits {splits} × seeds {seeds}", tasks, rows, minority=True))
+    elif args.study == "size":
+        size_steps = 30 if args.quick else 300
+        for size, models in SIZES.items():
+            sample = _Sample(n=400 if args.quick else 1600, size=size)
+            rows = {m: [] for m in models}
+            for m in models:
+                s = dict(settings, steps=size_steps, batch_size=32, model=m)
+                _loop(f"sample {size} px {m}", lambda: run_porcelain(sample, seeds[0], s), rows[m])
+            tables.append(_table(f"built-in sample at {size} px, {size_steps} steps of batch 32, seed {seeds[0]}",
+                                 sample.tasks, rows))
+    elif args.study == "budget":
+        sample = _Sample(n=400 if args.quick else 1600)
+        budgets = (60, 30) if args.quick else (600, 300, 150)
+        rows = {f"{b} steps": [] for b in budgets}
+        for b in budgets:
+            for seed in seeds:
+                _loop(f"sample {b} steps seed {seed}", lambda: run_porcelain(sample, seed, dict(settings, steps=b)),
+                      rows[f"{b} steps"])
+        tables.append(_table(f"step budget on the built-in sample, 32 px, batch 64, seeds {seeds}", sample.tasks, rows))
     else:
         variants = {"sampler only": (True, False), "weighted loss only": (False, True),
                     "both": (True, True), "neither": (False, False)}

@@ -242,8 +242,8 @@ def test_small_cnn_weights_round_trip(tmp_path):
 @pytest.mark.parametrize(("size", "weights", "expected", "words"), [
     (32, False, "small_cnn", "no pretrained weights"),
     (16, False, "small_cnn", "16 px"),
-    (64, False, "small_cnn", "64 px"),
-    (96, False, "resnet10t", "measured"),
+    (33, False, "resnet10t", "measured"),
+    (64, False, "resnet10t", "64 px"),
     (224, False, "resnet10t", "96 px"),
     (32, True, "mobilenetv3_large_100", "weights given"),
     (224, True, "mobilenetv3_large_100", "paper"),
