@@ -1,0 +1,1 @@
+"""Stable Diffusion + LoRA synthesis as plain functions."""
