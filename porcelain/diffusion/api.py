@@ -77,6 +77,13 @@ def train_sd_lora(store: Store, images: np.ndarray,            # uint8 NHWC, the
     ``seconds`` is the training time of the call that finished the run. Concurrent calls with one
     ``key`` are serialised with ``store.lock``.
     """
+    return _train_sd_lora(store, images, labels, cfg, key=key, device=device, dtype=dtype, progress=progress)[0]
+
+
+def _train_sd_lora(store: Store, images: np.ndarray, labels: list[dict[str, str]], cfg: SdLoraSettings, *,
+                   key: str, device: str = "auto", dtype: str = "auto", progress: ProgressFn | None = None,
+                   ) -> tuple[dict, "StableDiffusionPipeline | None"]:
+    """:func:`train_sd_lora`, also returning the trained in-memory pipeline (None if the result was stored)."""
     cfg = parse_settings(cfg)
     vocab = load_vocabulary(cfg.prompts.vocabulary)
     images = np.asarray(images)
@@ -99,7 +106,7 @@ def train_sd_lora(store: Store, images: np.ndarray,            # uint8 NHWC, the
         if store.exists(_result_key(key)):
             ref = store.read_json(_result_key(key))
             if ref.get("identity") == identity and all(store.exists(w["key"]) for w in ref["weights"].values()):
-                return ref
+                return ref, None
         t0 = time.monotonic()
         dev = choose_device(device)
         pipe = load_pipeline(str(base_dir), device=dev, dtype=dtype)
@@ -128,7 +135,7 @@ def train_sd_lora(store: Store, images: np.ndarray,            # uint8 NHWC, the
         }
         store.write_json(_result_key(key), ref)
         store.delete(checkpoint_key(key))
-    return ref
+    return ref, pipe
 
 
 def clear_pipeline_cache() -> None:

@@ -110,7 +110,7 @@ def load_pipeline(base: str, *, device: str | torch.device = "auto", dtype: str 
     torch_dtype = pipeline_dtype(dev, dtype)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, local_files_only=True, use_safetensors=True)
     except (OSError, EnvironmentError, ValueError) as e:
         raise BaseModelNotFoundError(f"`base` = {base!r}: could not load the pipeline from {path} ({e}); "

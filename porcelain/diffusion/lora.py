@@ -15,9 +15,11 @@ training is reproducible whatever the global torch RNG did before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +59,14 @@ def lora_config(s: LoraSettings, *, text_encoder: bool = False) -> "LoraConfig":
                       init_lora_weights="gaussian")
 
 
+@contextlib.contextmanager
+def _quiet_multi_adapter() -> Iterator[None]:
+    """peft warns on every second adapter of a model; several adapters are intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
+
+
 def _component(pipe: "StableDiffusionPipeline", name: str) -> torch.nn.Module:
     return getattr(pipe, name)
 
@@ -73,9 +83,10 @@ def add_lora(pipe: "StableDiffusionPipeline", name: str, s: LoraSettings, *, see
     te = s.train_text_encoder if text_encoder is None else text_encoder
     if name in adapter_names(pipe):
         raise ValueError(f"adapter {name!r} is already on this pipeline")
-    pipe.unet.add_adapter(lora_config(s), adapter_name=name)
-    if te:
-        pipe.text_encoder.add_adapter(lora_config(s, text_encoder=True), adapter_name=name)
+    with _quiet_multi_adapter():
+        pipe.unet.add_adapter(lora_config(s), adapter_name=name)
+        if te:
+            pipe.text_encoder.add_adapter(lora_config(s, text_encoder=True), adapter_name=name)
     gen = torch.Generator("cpu").manual_seed(int(stable_hash(["lora-init", seed, name]), 16) % (2**63))
     with torch.no_grad():
         for key, p in sorted(lora_parameters(pipe, name).items()):
@@ -142,12 +153,13 @@ def load_lora(pipe: "StableDiffusionPipeline", state: Mapping[str, torch.Tensor]
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
         raise WeightsError(f"invalid adapter name {name!r} in LoRA metadata")
     rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=json.loads(metadata["target_modules"]),
-                                     lora_dropout=0.0), adapter_name=name)
-    if metadata.get("text_encoder_target_modules"):
-        pipe.text_encoder.add_adapter(LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=json.loads(metadata["text_encoder_target_modules"]),
-            lora_dropout=0.0), adapter_name=name)
+    with _quiet_multi_adapter():
+        pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                         target_modules=json.loads(metadata["target_modules"])), adapter_name=name)
+        if metadata.get("text_encoder_target_modules"):
+            pipe.text_encoder.add_adapter(LoraConfig(
+                r=rank, lora_alpha=alpha, target_modules=json.loads(metadata["text_encoder_target_modules"]),
+                lora_dropout=0.0), adapter_name=name)
     set_lora_state(pipe, name, state)
     return name
 
