@@ -47,7 +47,13 @@ from plain_diffusers_digits import fit_judges, judge_scores, nearest_l2, sample_
 
 from porcelain.data.digits import load_digits_data  # noqa: E402
 from porcelain.generate.sampling import sample_images  # noqa: E402
-from porcelain.models.generator import create_generator  # noqa: E402
+from porcelain.models.generator import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_PRESET,
+    DEFAULT_TRAIN_STEPS,
+    create_generator,
+)
 from porcelain.train.generator import train_generator  # noqa: E402
 
 PER_DIGIT = 20
@@ -59,51 +65,80 @@ DEMO_SPEC = {"block_out_channels": [32, 64], "layers_per_block": 1, "attention":
              "prediction_type": "v_prediction"}
 
 
+_LIB = object()  # a Variant field left at this value: the library's default (porcelain.config)
+
+
 @dataclass(frozen=True)
 class Variant:
+    """One row: how the generator is built, trained and sampled. ``_LIB``: the library default."""
+
     name: str
     kind: str = "porcelain"          # or "plain" (the reference script)
-    preset: str = "small"
+    preset: Any = _LIB
     spec: dict[str, Any] = field(default_factory=dict)
     resolution: int = 32
-    steps: int = 1000
-    batch: int = 32
-    lr: float = 2e-3
-    ema: float | None = 0.995
-    snr_gamma: float | None = 5.0
-    balance: float = 1.0
-    label_dropout: float = 0.1
-    hflip: bool | None = True         # None: the library default
+    steps: Any = _LIB
+    batch: Any = _LIB
+    lr: Any = _LIB
+    ema: Any = _LIB
+    snr_gamma: Any = _LIB
+    balance: Any = _LIB
+    label_dropout: Any = _LIB
+    hflip: Any = _LIB
     condition: str = "all"            # "all" tasks, or "digit" only
-    guidance: tuple[float, ...] = (1.5,)
+    guidance: tuple[float, ...] = (DEFAULT_GUIDANCE,)
+
+    def train_kwargs(self) -> dict[str, Any]:
+        names = ("lr", "ema", "snr_gamma", "balance", "label_dropout", "hflip")
+        kw = {k: getattr(self, k) for k in names if getattr(self, k) is not _LIB}
+        return {"steps": self.n_steps, "batch_size": self.n_batch, **kw}
+
+    @property
+    def n_steps(self) -> int:
+        return DEFAULT_TRAIN_STEPS if self.steps is _LIB else self.steps
+
+    @property
+    def n_batch(self) -> int:
+        return DEFAULT_BATCH_SIZE if self.batch is _LIB else self.batch
+
+    @property
+    def preset_name(self) -> str:
+        return DEFAULT_PRESET if self.preset is _LIB else self.preset
 
 
 def _variants(quick: bool) -> dict[str, Variant]:
-    demo = Variant("demo config (user trial)", spec=DEMO_SPEC)
+    # The demo's generator section as the user ran it on digits (before flips were off by default).
+    demo = Variant("demo config (user trial)", preset="small", spec=DEMO_SPEC, steps=1000, batch=32, lr=2e-3,
+                   ema=0.995, snr_gamma=5.0, balance=1.0, label_dropout=0.1, hflip=True, guidance=(1.5,))
+    nf = replace(demo, hflip=False)
+    wide = (0.5, 1.0, 1.5, 2.5)
+    default = Variant("library defaults (small preset, 32 px)", guidance=(0.25, 0.5, 1.0))
     v = {
         "plain": Variant("plain diffusers, 16 px gray, digit only", kind="plain", steps=750, batch=64,
                          guidance=(0.5, 1.0)),
         "demo": demo,
-        "demo-noflip": replace(demo, name="demo config, no hflip", hflip=False),
-        "noflip-w": replace(demo, name="demo config, no hflip", hflip=False, guidance=(0.0, 0.5, 1.0, 1.5, 3.0)),
-        "shift2": replace(demo, name="no hflip, noise_shift 2", hflip=False, spec={**DEMO_SPEC, "noise_shift": 2.0},
+        "demo-noflip": replace(nf, name="demo config, no hflip", guidance=(0.0, 0.5, 1.0, 1.5, 3.0)),
+        "noflip-digit": replace(nf, name="no hflip, digit only", condition="digit", guidance=(0.5, 1.5, 3.0)),
+        "noflip-eps": replace(nf, name="no hflip, epsilon", spec={**DEMO_SPEC, "prediction_type": "epsilon"},
+                              guidance=(0.5, 1.5, 3.0)),
+        "noflip-16": replace(nf, name="no hflip, 16 px patch 1", resolution=16, spec={**DEMO_SPEC, "patch_size": 1},
+                             guidance=(0.5, 1.5, 3.0)),
+        "shift2": replace(nf, name="no hflip, noise_shift 2", spec={**DEMO_SPEC, "noise_shift": 2.0},
+                          guidance=(0.25, 0.5, 0.75, 1.0, 1.5)),
+        "shift4": replace(nf, name="no hflip, noise_shift 4", spec={**DEMO_SPEC, "noise_shift": 4.0},
                           guidance=(0.5, 1.0, 1.5)),
-        "shift4": replace(demo, name="no hflip, noise_shift 4", hflip=False, spec={**DEMO_SPEC, "noise_shift": 4.0},
-                          guidance=(0.5, 1.0, 1.5)),
-        "shift2-mse": replace(demo, name="no hflip, noise_shift 2, plain MSE", hflip=False,
-                              spec={**DEMO_SPEC, "noise_shift": 2.0}, snr_gamma=None, guidance=(0.5, 1.0, 1.5, 2.5)),
-        "noflip-mse": replace(demo, name="no hflip, plain MSE", hflip=False, snr_gamma=None,
-                              guidance=(0.5, 1.0, 1.5, 2.5)),
-        "noflip-digit": replace(demo, name="no hflip, digit only", hflip=False, condition="digit",
-                                guidance=(0.5, 1.5, 3.0)),
-        "noflip-16": replace(demo, name="no hflip, 16 px patch 1", hflip=False, resolution=16,
-                             spec={**DEMO_SPEC, "patch_size": 1}, guidance=(0.5, 1.5, 3.0)),
-        "noflip-eps": replace(demo, name="no hflip, epsilon", hflip=False,
-                              spec={**DEMO_SPEC, "prediction_type": "epsilon"}, guidance=(0.5, 1.5, 3.0)),
-        "noflip-b0": replace(demo, name="no hflip, balance 0", hflip=False, balance=0.0, guidance=(0.5, 1.5, 3.0)),
+        "noflip-mse": replace(nf, name="no hflip, plain MSE (no Min-SNR)", snr_gamma=None, guidance=wide),
+        "shift2-mse": replace(nf, name="no hflip, plain MSE, noise_shift 2", snr_gamma=None,
+                              spec={**DEMO_SPEC, "noise_shift": 2.0}, guidance=wide),
+        "default": default,
+        "default-700": replace(default, name="library defaults, 700 steps", steps=700),
+        "default-16": replace(default, name="library defaults, 16 px patch 1", resolution=16,
+                              spec={"patch_size": 1}),
+        "default-b0": replace(default, name="library defaults, balance 0", balance=0.0),
     }
     if quick:
-        v = {k: replace(x, steps=20 if x.kind == "porcelain" else 20, guidance=x.guidance[:1]) for k, x in v.items()}
+        v = {k: replace(x, steps=20, guidance=(DEFAULT_GUIDANCE if DEFAULT_GUIDANCE in x.guidance else x.guidance[0],))
+             for k, x in v.items()}
     return v
 
 
@@ -127,10 +162,10 @@ def run_variant(var: Variant, data, seed: int, threads: int, key: str = "", save
     rows = _digit_rows(ty)
     want = np.repeat(rows, PER_DIGIT, axis=0)
     digits = want[:, 0]
-    out: dict[str, Any] = {"variant": var.name, "seed": seed, "steps": var.steps, "batch": var.batch,
+    out: dict[str, Any] = {"variant": var.name, "seed": seed, "steps": var.n_steps, "batch": var.n_batch,
                            "threads": threads, "by_guidance": {}}
     if var.kind == "plain":
-        model, hist = train_plain(_resize(tx, 16), ty[:, 0], steps=var.steps, batch=var.batch, seed=seed)
+        model, hist = train_plain(_resize(tx, 16), ty[:, 0], steps=var.n_steps, batch=var.n_batch, seed=seed)
         out["seconds"] = hist["seconds"]
         for w in var.guidance:
             out["by_guidance"][w] = sample_plain(model, digits, guidance=w, seed=seed + 1)
@@ -140,14 +175,9 @@ def run_variant(var: Variant, data, seed: int, threads: int, key: str = "", save
         y, nc, cond = ty[:, :1], [len(data.classes["digit"])], want[:, :1]
     else:
         y, nc, cond = ty, [len(data.classes[t]) for t in data.tasks], want
-    model = create_generator(var.preset, num_classes=nc, resolution=var.resolution, seed=seed, **var.spec)
-    kw: dict[str, Any] = {}
-    if var.hflip is not None:
-        kw["hflip"] = var.hflip
+    model = create_generator(var.preset_name, num_classes=nc, resolution=var.resolution, seed=seed, **var.spec)
     t0 = time.perf_counter()
-    model, hist = train_generator(model, x, y, steps=var.steps, batch_size=var.batch, lr=var.lr, ema=var.ema,
-                                  snr_gamma=var.snr_gamma, balance=var.balance, label_dropout=var.label_dropout,
-                                  seed=seed, device="cpu", **kw)
+    model, hist = train_generator(model, x, y, seed=seed, device="cpu", **var.train_kwargs())
     out["seconds"] = time.perf_counter() - t0
     if save_models:
         from safetensors.torch import save_model
@@ -161,7 +191,7 @@ def run_variant(var: Variant, data, seed: int, threads: int, key: str = "", save
 
 
 def burst_seconds_per_step(var: Variant, data, threads: int = 2, bursts: int = 3, steps: int = 10) -> float:
-    """Min over ``bursts`` short trainings of the seconds per step, at ``threads`` threads."""
+    """Min over ``bursts`` short trainings of the seconds per step (after one warm-up step), at ``threads``."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     tx, ty = data.splits["train"]
@@ -169,15 +199,16 @@ def burst_seconds_per_step(var: Variant, data, threads: int = 2, bursts: int = 3
     try:
         for _ in range(bursts):
             if var.kind == "plain":
-                best = min(best, train_plain(_resize(tx, 16), ty[:, 0], steps=steps, batch=var.batch)[1]["seconds"] / steps)
+                hist = train_plain(_resize(tx, 16), ty[:, 0], steps=steps, batch=var.n_batch)[1]
+                best = min(best, hist["seconds"] / steps)
                 continue
             y = ty[:, :1] if var.condition == "digit" else ty
-            nc = [int(y[:, j].max()) + 1 if j else 10 for j in range(y.shape[1])]
             nc = [len(data.classes[t]) for t in data.tasks][: y.shape[1]]
-            model = create_generator(var.preset, num_classes=nc, resolution=var.resolution, seed=0, **var.spec)
+            model = create_generator(var.preset_name, num_classes=nc, resolution=var.resolution, seed=0, **var.spec)
+            kw = {**var.train_kwargs(), "steps": 1}
+            model, _ = train_generator(model, _resize(tx, var.resolution), y, device="cpu", **kw)  # warm-up
             t0 = time.perf_counter()
-            train_generator(model, _resize(tx, var.resolution), y, steps=steps, batch_size=var.batch, ema=var.ema,
-                            device="cpu", warmup_steps=1)
+            train_generator(model.train(), _resize(tx, var.resolution), y, device="cpu", **{**kw, "steps": steps})
             best = min(best, (time.perf_counter() - t0) / steps)
     finally:
         torch.set_num_threads(old)
@@ -230,7 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--variants", default="", help="comma-separated variant keys (default: all)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 20 training steps, one guidance value")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 20 training steps, 2 images per digit, one guidance value, 3 variants")
     ap.add_argument("--time-steps", action="store_true", help="also time each variant at 2 threads in bursts")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--json", default=None)
@@ -240,6 +272,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     variants = _variants(args.quick)
+    if args.quick:
+        global PER_DIGIT
+        PER_DIGIT = 2
+        if not args.variants:
+            args.variants = "plain,demo,default"
     if args.list:
         for k, v in variants.items():
             print(f"{k:<24} {v}")
@@ -261,10 +298,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 _save_grids(out, k, Path(args.save_grid))
             for r in evaluate(out, data, judges):
                 r["key"], r["judge_test"] = k, dict(zip(data.tasks, acc))
-                if args.time_steps:
-                    r["burst_s_per_step_2t"] = burst_seconds_per_step(variants[k], data)
                 results.append(r)
                 print(fmt(r, data.tasks), " per digit", [round(p * 100) for p in r["per_digit"]], flush=True)
+    timing = {}
+    if args.time_steps:
+        data = load_digits_data(seed=seeds[0])
+        for k in keys:
+            timing[k] = burst_seconds_per_step(variants[k], data, bursts=2 if args.quick else 3,
+                                               steps=3 if args.quick else 10)
+        for r in results:
+            r["burst_s_per_step_2t"] = timing[r["key"]]
     tasks = load_digits_data().tasks
     print()
     print("| variant | seed | w | steps×batch | train s | s/step | " + " | ".join(tasks)
@@ -272,6 +315,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|")
     for r in results:
         print(fmt(r, tasks))
+    if timing:
+        print()
+        print("| variant | steps×batch | s/step, 2 threads (min of bursts) | steps that fit 300 s |")
+        print("|---|---|---|---|")
+        for k, t in timing.items():
+            v = variants[k]
+            print(f"| {v.name} | {v.n_steps}×{v.n_batch} | {t:.3f} | {int(300 / t)} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results

@@ -1,5 +1,6 @@
-"""The main flow: ingest → reference classifier, closed-set generator → targeted generation →
-label faithfulness → ratio sweep → report."""
+"""The main flow: ingest → reference classifier; for each synthesizer: prepare → generate shards →
+label faithfulness; then the sweep crosses synthesizer × ratio × seed against one real-only
+baseline → report."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from porcelain.config import RunConfig, config_from_dict
 from porcelain.data.source import BUILTIN
 from porcelain.generate.targeting import shards_for
 from tasks import stages
-from tasks.policy import retry_options
+from tasks.policy import TASK_STAGES, result_storage_for, retry_options
 
 
 @flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
@@ -23,9 +24,11 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     log = get_run_logger()
     st, rt = cfg.storage, cfg.runtime
     retry = retry_options(rt)  # runtime.retries governs every task
-    builtin_data, ingest, pack_shard, plan_generation, train_generator, generate, reference, faithfulness, \
-        train_evaluate, report = (getattr(stages, name).with_options(**retry) for name in (
-            "builtin_data", "ingest", "pack_shard", "plan", "train_generator", "generate", "reference",
+    # Task results live beside the run's data, whoever calls the flow (the store is not in the keys).
+    results_at = result_storage_for(st)
+    builtin_data, ingest, pack_shard, plan_generation, prepare, generate, reference, faithfulness, \
+        train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
+            "builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate", "reference",
             "faithfulness", "train_evaluate", "report"))
 
     if cfg.data.manifest in BUILTIN:
@@ -44,40 +47,60 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         log.warning("%s", line)
 
     ref_size = cfg.reference.image_size or cfg.classifier.image_size
-    sizes = sorted({cfg.generator.resolution, cfg.classifier.image_size, ref_size})
+    sizes = sorted({cfg.classifier.image_size, ref_size, *(n for s in cfg.synthesizers for n in s.image_sizes())})
     packs = [pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
              for s in sizes for i in range(data["n_shards"])]
     wait(packs)
     for p in packs:
         p.result()
 
-    plan = plan_generation(data, cfg.sweep, cfg.generation, st)
+    plan = plan_generation(data, cfg.sweep, cfg.generation, cfg.synthesizers, st)
     ref = reference(data, cfg.reference, ref_size, st, rt)
-    gen, shards, failed = None, [], []
-    if plan["shards"]:
-        gen = train_generator(data, cfg.generator, st, rt)
-        futures = [generate.submit(gen, spec, cfg.generation, st, rt) for spec in plan["shards"]]
+    models, shards, faith, failed = {}, {}, {}, []
+    for syn in cfg.synthesizers:  # one seam for every kind: prepare → generate shards → judge
+        specs = plan["shards"][syn.label]
+        if not specs:
+            continue
+        models[syn.label] = prepare.with_options(
+            refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, st, rt)
+        futures = [generate.submit(models[syn.label], spec, syn, st, rt) for spec in specs]
         wait(futures)
-        for spec, fut in zip(plan["shards"], futures):
+        shards[syn.label] = []
+        for spec, fut in zip(specs, futures):
             if fut.state.is_completed():
-                shards.append(fut.result())
+                shards[syn.label].append(fut.result())
             else:
-                failed.append({"shard": spec, "error": str(fut.state.message)})
-        if failed:
-            log.error("%d of %d generation shards failed after retries: %s", len(failed), len(futures), failed)
-            raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
-    faith = faithfulness(data, shards, ref, cfg.faithfulness, st, rt) if shards else None
+                failed.append({"synthesizer": syn.label, "shard": spec, "error": str(fut.state.message)})
+    if failed:
+        log.error("%d generation shards failed after retries: %s", len(failed), failed)
+        raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
+    for label, done in shards.items():
+        faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
 
     runs = []
-    for ratio in cfg.sweep.ratios:
+    base = cfg.sweep.baseline
+    arms = [(None, base)] + [(syn.label, r) for syn in cfg.synthesizers for r in cfg.sweep.ratios if r != base]
+    for label, ratio in arms:
         alloc = plan["ratios"][ratio]["alloc"]
-        synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards)}
-        runs += [train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, st, rt) for seed in cfg.sweep.seeds]
+        synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards.get(label, []))} if label else {}
+        arm = ratio if label is None else f"{label} {ratio}"
+        runs += [train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt)
+                 for seed in cfg.sweep.seeds]
     wait(runs)
     results = [r.result() for r in runs]
 
-    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": gen,
-               "shards": shards, "reference": ref, "faithfulness": faith, "runs": results}
+    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan,
+               "models": {k: v.model_dump(mode="json") for k, v in models.items()},
+               "shards": {k: [s.model_dump(mode="json") for s in v] for k, v in shards.items()},
+               "reference": ref, "faithfulness": faith, "runs": results}
     written = report(summary, st)
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
+
+
+def _task(name: str, runtime: Any, retry: dict[str, Any], results_at: Any) -> Any:
+    """A stage's task with the run's retry settings and result storage; recomputed despite its cache
+    when its stage is in ``runtime.refresh``."""
+    t = getattr(stages, name)
+    refresh = bool(set(TASK_STAGES[t.name]) & set(runtime.refresh))
+    return t.with_options(**retry, result_storage=results_at, refresh_cache=refresh or None)

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from porcelain.errors import ConfigError
+from porcelain.synthesizers.base import SynthesizerConfig
 
 SAMPLE = "sample"
 
@@ -121,12 +122,18 @@ class GeneratorConfig(_Model):
     spec: Spec = Field(default_factory=Spec, description="Overrides of the preset's GeneratorSpec fields; "
                        "null keeps the preset's value, unknown keys are errors.")
     resolution: Annotated[int, Field(ge=8, le=128)] = 32
-    train_steps: Annotated[int, Field(ge=1)] = 3000
+    train_steps: Annotated[int, Field(ge=1)] = Field(
+        1000, description="About 5 minutes on 2 CPU cores for the small preset at 32 px and batch 32 (seconds on a "
+        "GPU: raise it there). On the digits set, defaults otherwise: faithfulness ≥ 95% on every task "
+        "(benchmarks/generator_digits.py).")
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0, le=1.0)] = 2e-3
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     ema: Annotated[float, Field(ge=0, lt=1)] | None = 0.995
-    snr_gamma: Annotated[float, Field(gt=0)] | None = Field(5.0, description="Min-SNR-γ loss weighting; null for plain MSE.")
+    snr_gamma: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Min-SNR-γ loss weighting; null for plain MSE on the model's target. Min-SNR down-weights "
+        "the noisiest timesteps, where the labels decide the image: on the digits set γ=5 gave 83–90% digit "
+        "faithfulness and plain MSE 100% (benchmarks/generator_digits.py).")
     balance: Annotated[float, Field(ge=0, le=1)] = Field(
         1.0, description="Draw training images ∝ count(label combination)^-balance: 0 uniform over images, "
         "1 uniform over combinations, so that the generator learns the rare combinations the targeted plan "
@@ -139,15 +146,36 @@ class GeneratorConfig(_Model):
     seed: int = 0
 
 
-class GenerationConfig(_Model):
-    """Targeted synthesis: how many images per attribute combination, and how they are sampled."""
+class SamplingConfig(_Model):
+    """How the closed-set generator samples (its entry's ``sampling:``)."""
 
     steps: Annotated[int, Field(ge=1, le=1000)] = 25
-    guidance: Annotated[float, Field(ge=0, le=20)] = 0.5
+    guidance: Annotated[float, Field(ge=0, le=20)] = Field(
+        0.5, description="Classifier-free guidance w (0 = plain conditional model). The one default of the library "
+        "(porcelain.models.generator.DEFAULT_GUIDANCE reads it). Digits set, default generator: w=0.5 100% digit "
+        "faithfulness, 1.0 95%, 1.5 86%, 2.5 46% (benchmarks/generator_digits.py); models trained with "
+        "Min-SNR weighting, like the demo's, want more (the demo pins 1.5).")
     batch_size: Annotated[int, Field(ge=1)] = 64
-    shard_size: Annotated[int, Field(ge=1, le=10_000)] = 64
+
+
+class GenerationConfig(_Model):
+    """Targeted synthesis, for every synthesizer: how many images per attribute combination, in which
+    shards. How each kind samples is in its entry of ``synthesizers:``.
+
+    ``steps``, ``guidance`` and ``batch_size`` here are the closed-set generator's sampling settings
+    written the old way (before ``synthesizers:``); they still work when ``synthesizers:`` is absent."""
+
+    shard_size: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        64, description="Images per shard. Every shard holds this many (the last one of a combination too), so "
+        "that growing a ratio reuses every finished shard.")
     seed: int = 1234
     grid_per_combination: Annotated[int, Field(ge=1, le=16)] = 4
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description="Old place of sampling.steps.")
+    guidance: Annotated[float, Field(ge=0, le=20)] | None = Field(None, description="Old place of sampling.guidance.")
+    batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="Old place of sampling.batch_size.")
+
+    def legacy_sampling(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("steps", "guidance", "batch_size") if getattr(self, k) is not None}
 
 
 class ClassifierConfig(_Model):
@@ -299,6 +327,10 @@ class RuntimeConfig(_Model):
         "threads. 2 suits a 2-core CPU (small models gain more from running side by side than from threads).")
     retries: Annotated[int, Field(ge=0, le=20)] = 3
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 2.0
+    refresh: list[str] = Field(default_factory=list, description=(
+        "Stages to recompute although their results are cached (`porcelain run --refresh STAGE`): ingest, "
+        "reference, synthesizer:<kind>, shards, sweep, report, … (`python -m porcelain.versions` lists them). "
+        "What depends on them is recomputed only if their outputs changed."))
 
 
 class RunConfig(_Model):
@@ -307,7 +339,13 @@ class RunConfig(_Model):
     name: str = "porcelain"
     data: DataConfig = DataConfig()
     storage: StorageConfig = StorageConfig()
-    generator: GeneratorConfig = GeneratorConfig()
+    synthesizers: list[SerializeAsAny[SynthesizerConfig]] = Field(
+        default_factory=lambda: [_default_synthesizer()],
+        description="Ways of making synthetic images, compared side by side against one real-only baseline. "
+        "Each entry has a `kind` (closed_set, sd_lora, …; `porcelain config kinds` lists them) and that kind's "
+        "keys; `name` tells two entries of one kind apart. An empty list runs the real-only baseline alone.")
+    generator: GeneratorConfig | None = Field(
+        None, description="Old form of a closed_set synthesizer's `generator:` (when `synthesizers:` is absent).")
     generation: GenerationConfig = GenerationConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     sweep: SweepConfig = SweepConfig()
@@ -315,16 +353,80 @@ class RunConfig(_Model):
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_closed_set_keys(cls, data: Any) -> Any:
+        """Configs written before ``synthesizers:`` keep working: top-level ``generator:`` and
+        ``generation.steps/guidance/batch_size`` become one closed_set entry."""
+        if not isinstance(data, dict):
+            return data
+        generation = data.get("generation") or {}
+        old_sampling = isinstance(generation, dict) and any(generation.get(k) is not None
+                                                              for k in ("steps", "guidance", "batch_size"))
+        if "synthesizers" in data and (data.get("generator") is not None or old_sampling):
+            raise ValueError("`generator:` and `generation.steps/guidance/batch_size` are the old form of a closed_set "
+                             "synthesizer: with `synthesizers:` present, move them into its entry as "
+                             "`generator: {...}` and `sampling: {steps, guidance, batch_size}`")
+        return data
+
+    @field_validator("synthesizers", mode="before")
+    @classmethod
+    def _parse_synthesizers(cls, v: Any) -> Any:
+        from porcelain.synthesizers import parse_config
+
+        if not isinstance(v, (list, tuple)):
+            raise ValueError("synthesizers must be a list of entries, each with a `kind`")
+        out = []
+        for i, raw in enumerate(v):
+            try:
+                out.append(parse_config(raw))
+            except ValidationError as err:
+                kind = raw.get("kind") if isinstance(raw, dict) else "?"
+                raise ValueError(f"synthesizers.{i} (kind {kind}): " + "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: "
+                    + ("unknown key (check the spelling, or whether it belongs to another kind)"
+                       if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors())) from None
+        labels = [c.label for c in out]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"two synthesizers are both called {dup[0]!r}: give each a distinct `name`")
+        return out
+
+    @model_validator(mode="after")
+    def _old_form(self) -> RunConfig:
+        old = self.generation.legacy_sampling()
+        if self.generator is None and not old:
+            return self
+        from porcelain.synthesizers import parse_config
+
+        entry: dict[str, Any] = {"kind": "closed_set", "generator": (self.generator or GeneratorConfig()).model_dump()}
+        if old:
+            entry["sampling"] = old
+        object.__setattr__(self, "synthesizers", [parse_config(entry)])
+        object.__setattr__(self, "generator", None)
+        object.__setattr__(self, "generation", self.generation.model_copy(
+            update={"steps": None, "guidance": None, "batch_size": None}))
+        return self
+
+    def synthesizer(self, label: str) -> Any:
+        """The synthesizer entry called ``label``."""
+        for c in self.synthesizers:
+            if c.label == label:
+                return c
+        raise KeyError(label)
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.data.val_fraction + self.data.test_fraction >= 0.8:
             raise ValueError("data.val_fraction + data.test_fraction must leave at least 20% for training")
         return self
 
-    def section_hash(self, *sections: str) -> str:
-        """Content hash of some sections of the config (what a stage's cache key depends on)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _default_synthesizer() -> Any:
+    from porcelain.synthesizers import parse_config
+
+    return parse_config({"kind": "closed_set"})
 
 
 def parse_ratio(ratio: str) -> float:
@@ -388,7 +490,9 @@ def demo_config(**storage: Any) -> RunConfig:
 
 def example_yaml() -> str:
     """A complete example config with every default, as YAML."""
-    return yaml.safe_dump(RunConfig().model_dump(mode="json"), sort_keys=False)
+    doc = RunConfig().model_dump(mode="json", exclude={"generator"})
+    doc["generation"] = {k: v for k, v in doc["generation"].items() if v is not None}
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def json_schema() -> dict[str, Any]:

@@ -39,6 +39,39 @@ def code_version() -> str:
     return f"{porcelain.__version__}+{h.hexdigest()[:12]}"
 
 
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | None) -> str | None:
+    """sha256 of a local file's bytes (memoised by path, size and mtime); None for None.
+
+    Used where a config names a file whose content matters (``classifier.weights``): replacing the
+    file must change the key, moving it must not.
+    """
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"missing:{p.name}"  # the stage that loads it reports the missing file
+    st = p.stat()
+    return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime)
+
+
+def config_identity(cfg: Any, files: tuple[str, ...] = ("weights",)) -> dict[str, Any]:
+    """A config's fields with file paths replaced by the sha256 of their content."""
+    d = cfg.model_dump(mode="json")
+    for k in files:
+        if d.get(k) is not None:
+            d[k] = {"sha256": file_sha256(d[k])}
+    return d
+
+
 def canonical_safetensors(blob: bytes) -> bytes:
     """The same safetensors blob with its JSON header written with sorted keys.
 

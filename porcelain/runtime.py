@@ -39,3 +39,13 @@ def apply_runtime(runtime: RuntimeConfig, *, concurrent: int = 1) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def runtime_identity(runtime: RuntimeConfig) -> dict[str, str]:
+    """What of the runtime changes results: the device type and the numeric precision actually used
+    (a CPU-fp32 and a CUDA-bf16 training must not share a cache key). Threads, workers and retries
+    change how fast, not what."""
+    from porcelain.device import choose_device, choose_dtype
+
+    dev = choose_device(runtime.device)
+    return {"device": dev.type, "dtype": str(choose_dtype(runtime.dtype, dev)).removeprefix("torch.")}

@@ -7,16 +7,49 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 
 from porcelain.errors import NOT_RETRYABLE
-from porcelain.hashing import code_version, stable_hash
+from porcelain.hashing import config_identity, stable_hash
+from porcelain.runtime import runtime_identity
+from porcelain.versions import stage_identity
 
-# Parameters that say where or how to run, not what to compute: never part of a cache key.
+# Parameters that say where to run, not what to compute: never part of a cache key. (The runtime's
+# numerics are: see runtime_identity.)
 NOT_CONTENT = frozenset({"storage", "runtime"})
+
+# The stage (porcelain/versions.py) behind each task. A task whose parameters hold a synthesizer
+# config (`cfg` with a `kind`) also depends on that kind's stage.
+TASK_STAGES: dict[str, tuple[str, ...]] = {
+    "builtin-data": ("builtin-data",), "ingest": ("ingest",), "pack-shard": ("pack",),
+    "plan-generation": ("plan",), "reference-classifier": ("reference",), "prepare-synthesizer": (),
+    "generate-shard": ("shards",), "label-faithfulness": ("faithfulness",), "train-evaluate": ("sweep",),
+    "report": ("report",),
+}
+
+
+def task_stages(task_name: str, parameters: dict[str, Any]) -> list[str]:
+    stages = list(TASK_STAGES[task_name])
+    kind = getattr(parameters.get("cfg"), "kind", None)
+    if kind:
+        stages.append(f"synthesizer:{kind}")
+    return stages
+
+
+def _content(v: Any) -> Any:
+    # a config naming a weights file is keyed by the file's content, not its path
+    if hasattr(v, "model_dump") and "weights" in getattr(type(v), "model_fields", {}):
+        return config_identity(v)
+    return v
 
 
 def content_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache key from the task's content parameters (hashes, configs) and the library's code version."""
-    content = {k: v for k, v in parameters.items() if k not in NOT_CONTENT}
-    return f"{context.task.name}-{stable_hash({'params': content, 'code': code_version()}, 32)}"
+    """Cache key from the task's content parameters (hashes, configs), its stages' versions and the
+    versions of the libraries they use, and the numeric runtime (device type, dtype) — never from the
+    whole library's code, so a change to one stage leaves the others cached."""
+    name = context.task.name
+    content = {k: _content(v) for k, v in parameters.items() if k not in NOT_CONTENT}
+    ident = {"params": content, "stages": [stage_identity(s) for s in task_stages(name, parameters)]}
+    if parameters.get("runtime") is not None:
+        ident["runtime"] = runtime_identity(parameters["runtime"])
+    return f"{name}-{stable_hash(ident, 32)}"
 
 
 # A ValueError or TypeError comes from a wrong value or argument, i.e. from configuration or a bug:

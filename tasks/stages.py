@@ -12,7 +12,6 @@ from porcelain.config import (
     DataConfig,
     FaithfulnessConfig,
     GenerationConfig,
-    GeneratorConfig,
     ReferenceConfig,
     RuntimeConfig,
     StorageConfig,
@@ -25,8 +24,10 @@ from porcelain.evaluate.reference import train_reference
 from porcelain.generate.shards import generate_shard
 from porcelain.generate.targeting import plan_generation
 from porcelain.report.build import build_report
+from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
-from porcelain.train.closed_set import train_closed_set
+from porcelain.synthesizers import SynthesizerConfig
+from porcelain.synthesizers.prepare import prepare_synthesizer
 from porcelain.train.sweep import train_and_evaluate
 from tasks.policy import TASK_DEFAULTS, content_cache_key
 
@@ -46,7 +47,8 @@ def _ingest_key(context: Any, parameters: dict[str, Any]) -> str:
     data: DataConfig = parameters["data"]
     root = parameters["root"] or default_root(parameters["manifest"])
     fp = fingerprint(parameters["manifest"], root, storage.storage_options())
-    return content_cache_key(context, {"fingerprint": fp, "data": data})
+    # where the dataset lives is not content: the fingerprint covers the manifest and the files
+    return content_cache_key(context, {"fingerprint": fp, "data": data.model_dump(mode="json", exclude={"manifest", "root"})})
 
 
 @task(name="ingest", task_run_name="ingest", **{**TASK_DEFAULTS, "cache_key_fn": _ingest_key})
@@ -63,21 +65,21 @@ def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, stora
     return pack_data_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
 
 
-@task(name="train-generator", task_run_name="train-generator", **TASK_DEFAULTS)
-def train_generator(data: dict[str, Any], generator: GeneratorConfig, storage: StorageConfig,
-                    runtime: RuntimeConfig) -> dict[str, Any]:
-    return train_closed_set(_store(storage), data, generator, runtime)
+@task(name="prepare-synthesizer", task_run_name="prepare-{cfg.label}", **TASK_DEFAULTS)
+def prepare(data: dict[str, Any], cfg: SynthesizerConfig, storage: StorageConfig, runtime: RuntimeConfig) -> ModelRef:
+    return prepare_synthesizer(_store(storage), data, cfg, runtime)
 
 
 @task(name="plan-generation", task_run_name="plan-generation", **TASK_DEFAULTS)
-def plan(data: dict[str, Any], sweep: SweepConfig, generation: GenerationConfig, storage: StorageConfig) -> dict[str, Any]:
-    return plan_generation(_store(storage), data, sweep, generation)
+def plan(data: dict[str, Any], sweep: SweepConfig, generation: GenerationConfig, synthesizers: list[SynthesizerConfig],
+         storage: StorageConfig) -> dict[str, Any]:
+    return plan_generation(_store(storage), data, sweep, generation, synthesizers)
 
 
-@task(name="generate-shard", task_run_name="generate-{spec[combo]}-{spec[start]}", **TASK_DEFAULTS)
-def generate(gen: dict[str, Any], spec: dict[str, Any], generation: GenerationConfig, storage: StorageConfig,
-             runtime: RuntimeConfig) -> dict[str, Any]:
-    return generate_shard(_store(storage), gen, spec, generation, runtime)
+@task(name="generate-shard", task_run_name="generate-{cfg.label}-{spec[combo]}-{spec[start]}", **TASK_DEFAULTS)
+def generate(ref: ModelRef, spec: dict[str, Any], cfg: SynthesizerConfig, storage: StorageConfig,
+             runtime: RuntimeConfig) -> ShardRef:
+    return generate_shard(_store(storage), ref, spec, cfg, runtime)
 
 
 @task(name="reference-classifier", task_run_name="reference-classifier", **TASK_DEFAULTS)
@@ -86,16 +88,16 @@ def reference(data: dict[str, Any], cfg: ReferenceConfig, image_size: int, stora
     return train_reference(_store(storage), data, cfg, image_size, runtime)
 
 
-@task(name="label-faithfulness", task_run_name="label-faithfulness", **TASK_DEFAULTS)
-def faithfulness(data: dict[str, Any], shards: list[dict[str, Any]], reference: dict[str, Any],
-                 cfg: FaithfulnessConfig, storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+@task(name="label-faithfulness", task_run_name="label-faithfulness-{label}", **TASK_DEFAULTS)
+def faithfulness(data: dict[str, Any], shards: list[ShardRef], reference: dict[str, Any], cfg: FaithfulnessConfig,
+                 label: str, storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
     return measure_faithfulness(_store(storage), data, shards, reference, cfg, runtime)
 
 
-@task(name="train-evaluate", task_run_name="train-{ratio}-seed{seed}", **TASK_DEFAULTS)
+@task(name="train-evaluate", task_run_name="train-{arm}-seed{seed}", **TASK_DEFAULTS)
 def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any], classifier: ClassifierConfig,
-                   storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime)
+                   synthesizer: str | None, arm: str, storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime, synthesizer)
 
 
 @task(name="report", task_run_name="report", **TASK_DEFAULTS)

@@ -46,7 +46,7 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return asyncio.run(read())
 
 
-STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "train_reference", "train_closed_set",
+STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "train_reference", "prepare_synthesizer",
                    "plan_generation", "generate_shard", "measure_faithfulness", "train_and_evaluate", "build_report")
 
 

@@ -85,6 +85,6 @@ def test_run_with_its_own_temporary_server_exits_cleanly_and_records_every_task(
     db.close()
     assert {state for _, state in rows} == {"COMPLETED"}, rows
     names = {name for name, _ in rows}
-    assert {"builtin-data-sample", "ingest", "plan-generation", "reference-classifier", "train-generator", "label-faithfulness",
-            "train-100:0-seed0", "train-80:20-seed0", "report"} <= names, names
+    assert {"builtin-data-sample", "ingest", "plan-generation", "reference-classifier", "prepare-closed_set",
+            "label-faithfulness-closed_set", "train-100:0-seed0", "train-closed_set 80:20-seed0", "report"} <= names, names
     assert any(n.startswith("generate-") for n in names)

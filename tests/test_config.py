@@ -15,7 +15,7 @@ def test_example_round_trips(tmp_path):
 
 def test_schema_lists_sections():
     schema = json_schema()
-    assert {"data", "storage", "generator", "generation", "classifier", "sweep"} <= set(schema["properties"])
+    assert {"data", "storage", "synthesizers", "generation", "classifier", "sweep"} <= set(schema["properties"])
     json.dumps(schema)
 
 
@@ -64,13 +64,6 @@ def test_bad_ratios_rejected(bad):
         config_from_dict({"sweep": {"ratios": [bad]}})
 
 
-def test_section_hash_depends_only_on_its_sections():
-    a = RunConfig()
-    b = config_from_dict({"classifier": {"steps": 3}})
-    assert a.section_hash("generator") == b.section_hash("generator")
-    assert a.section_hash("classifier") != b.section_hash("classifier")
-
-
 def test_the_baseline_is_the_real_only_run_and_is_added_when_missing():
     cfg = config_from_dict({"sweep": {"ratios": ["90:10", "50:50"]}})
     assert cfg.sweep.ratios == ["100:0", "90:10", "50:50"] and cfg.sweep.baseline == "100:0"
@@ -102,3 +95,31 @@ def test_step_budget_is_the_same_for_every_ratio_and_floored_when_given_in_epoch
 def test_removed_judge_keys_say_how_to_rewrite():
     with pytest.raises(ConfigError, match=r"faithfulness.epochs was removed.*reference"):
         config_from_dict({"faithfulness": {"epochs": 10}})
+
+
+def test_old_closed_set_keys_become_one_synthesizer_entry():
+    old = config_from_dict({"generator": {"train_steps": 7}, "generation": {"guidance": 1.5, "shard_size": 8}})
+    (syn,) = old.synthesizers
+    assert syn.kind == "closed_set" and syn.generator.train_steps == 7 and syn.sampling.guidance == 1.5
+    assert old.generation.shard_size == 8 and old.generator is None
+    new = config_from_dict({"synthesizers": [{"kind": "closed_set", "generator": {"train_steps": 7},
+                                              "sampling": {"guidance": 1.5}}], "generation": {"shard_size": 8}})
+    assert new == old
+    with pytest.raises(ConfigError, match="move them into its entry"):
+        config_from_dict({"synthesizers": [{"kind": "closed_set"}], "generator": {"train_steps": 7}})
+
+
+def test_synthesizer_entries_are_checked_by_their_kind():
+    with pytest.raises(ConfigError, match=r"unknown synthesizer kind 'gan'.*closed_set"):
+        config_from_dict({"synthesizers": [{"kind": "gan"}]})
+    # a key of another kind (or a typo) is named, with the entry and its kind
+    with pytest.raises(ConfigError, match=r"synthesizers.0 \(kind closed_set\): lora_scale: unknown key"):
+        config_from_dict({"synthesizers": [{"kind": "closed_set", "lora_scale": 0.4}]})
+    with pytest.raises(ConfigError, match=r"generator.train_steps: Input should be greater than or equal to 1"):
+        config_from_dict({"synthesizers": [{"kind": "closed_set", "generator": {"train_steps": 0}}]})
+    with pytest.raises(ConfigError, match="both called 'closed_set'"):
+        config_from_dict({"synthesizers": [{"kind": "closed_set"}, {"kind": "closed_set"}]})
+    two = config_from_dict({"synthesizers": [{"kind": "closed_set"}, {"kind": "closed_set", "name": "w1",
+                                                                        "sampling": {"guidance": 1.0}}]})
+    assert [s.label for s in two.synthesizers] == ["closed_set", "w1"]
+    assert config_from_dict({"synthesizers": []}).synthesizers == []

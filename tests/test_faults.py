@@ -76,7 +76,7 @@ def test_crash_in_one_shard_never_loses_the_others(tiny_run, body_calls, monkeyp
 
 
 def test_sigkill_during_generation_loses_nothing(tiny_run, tmp_path, monkeypatch):
-    import porcelain.generate.shards as shards_mod
+    import porcelain.synthesizers.closed_set as shards_mod
 
     cfg = tiny_config(tiny_run[0]["storage"]["url"], generation={"guidance": 2.0, "steps": 12, "shard_size": 4})
     store = Store(cfg["storage"]["url"])
@@ -122,7 +122,7 @@ def test_two_runs_of_one_config_at_once(tiny_run, tmp_path):
 
 
 def test_non_finite_loss_stops_at_once_with_stage_and_step(tiny_run, monkeypatch):
-    import porcelain.train.closed_set as closed_set
+    import porcelain.synthesizers.closed_set as closed_set
 
     real = closed_set.train_generator
     # A learning rate no config accepts: the weights overflow and the loss turns non-finite.
@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_at_once_with_stage_and_step(tiny_run, monkeypatch
     cfg = tiny_config(tiny_run[0]["storage"]["url"], generator={"train_steps": 41})
     state, states = run_flow(cfg, expect_success=False)
     assert state.is_failed()
-    assert states["train-generator"] == ["Failed"]  # not retried: retrying cannot help
+    assert states["prepare-synthesizer"] == ["Failed"]  # not retried: retrying cannot help
     msg = str(state.result(raise_on_failure=False))
     assert "closed-set generator training" in msg and "step" in msg and "learning rate" in msg
 

@@ -24,19 +24,21 @@ def test_flow_produces_report_and_metrics(first_run):
     for heading in ("Does synthetic data help?", "Imbalance ratio", "Label faithfulness", "Results on the real test split"):
         assert heading in md
     report_dir = result["report"]["key"]
-    assert {f"{report_dir}/{n}" for n in ("macro_f1.png", "imbalance.png", "samples.png", "results.csv")} <= set(store.list(report_dir))
-    faith = result["faithfulness"]
+    assert {f"{report_dir}/{n}" for n in ("macro_f1.png", "imbalance.png", "samples-closed_set.png", "results.csv")} \
+        <= set(store.list(report_dir))
+    faith = result["faithfulness"]["closed_set"]
     assert set(faith["faithfulness"]) == {"dynasty", "kiln", "glaze", "type"}
     for f in faith["faithfulness"].values():
         assert 0.0 <= f["low"] <= f["share"] <= f["high"] <= 1.0 and f["n"] == faith["n_images"]
     assert {"generated_median", "test_median", "near_copy_share"} <= set(faith["memorisation"])
     # every task ran and completed once on the first run
     assert all(s == ["Completed"] or set(s) == {"Completed"} for s in states.values()), states
-    assert len(states["train-80:20-seed0"]) == 1 and "train-100:0-seed1" in states
-    # each shard is recorded with its provenance
+    assert len(states["train-closed_set 80:20-seed0"]) == 1 and "train-100:0-seed1" in states
+    # each shard is recorded with its provenance, and holds exactly generation.shard_size images
     shard_keys = [k for k in store.list("synthetic") if k.endswith(".json")]
-    prov = store.read_json(shard_keys[0])["provenance"]
-    assert {"combination", "seed", "model_sha256", "steps", "guidance"} <= set(prov)
+    doc = store.read_json(shard_keys[0])
+    assert {"synthesizer", "combination", "seed", "model_sha256", "steps", "guidance", "runtime"} <= set(doc["provenance"])
+    assert doc["provenance"]["synthesizer"] == "closed_set" and len(doc["images"]) == cfg["generation"]["shard_size"]
 
 
 def test_sweep_runs_train_on_their_synthetic_images_for_equal_steps(first_run):
@@ -64,17 +66,18 @@ def test_second_run_executes_no_task_body(first_run, body_calls):
 
 def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_calls):
     cfg, _, _ = first_run
-    changed = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "70:30"], "seeds": [0, 1]})
+    changed = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "50:50"], "seeds": [0, 1]})
     _, states = _run(changed)
-    assert body_calls.count("train_and_evaluate") == 2 and "train_closed_set" not in body_calls
+    assert body_calls.count("train_and_evaluate") == 2 and "prepare_synthesizer" not in body_calls
     ran = {name for name, s in states.items() if "Completed" in s}
     cached = {name for name, s in states.items() if s == ["Cached"] * len(s)}
-    assert {"train-100:0-seed0", "train-100:0-seed1", "ingest", "train-generator"} <= cached
-    assert {"train-70:30-seed0", "train-70:30-seed1", "plan-generation", "report"} <= ran
-    # finished shards are reused; only the extra images are generated
+    assert {"train-100:0-seed0", "train-100:0-seed1", "ingest", "prepare-closed_set"} <= cached
+    assert {"train-closed_set 50:50-seed0", "train-closed_set 50:50-seed1", "plan-generation", "report"} <= ran
+    # every finished shard is reused whole (shard boundaries do not depend on the ratio); only the
+    # shards beyond them are generated
     gen_ran = [n for n in ran if n.startswith("generate-")]
     gen_cached = [n for n in cached if n.startswith("generate-")]
-    assert gen_ran and gen_cached
+    assert gen_ran and gen_cached and body_calls.count("generate_shard") == len(gen_ran)
 
 
 def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
@@ -92,7 +95,7 @@ def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
     assert len(metrics) == 4
     for k in metrics:
         assert a.read_json(k)["metrics"] == b.read_json(k)["metrics"], k
-    assert result2["faithfulness"]["faithfulness"] == result["faithfulness"]["faithfulness"]
+    assert result2["faithfulness"]["closed_set"]["faithfulness"] == result["faithfulness"]["closed_set"]["faithfulness"]
 
 
 SECRET = "porcelain-planted-secret-7Qx9"
@@ -125,3 +128,32 @@ def test_flow_on_s3_storage_keeps_credentials_out_of_everything(prefect_harness,
     db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
     for f in db.parent.glob(db.name + "*"):
         assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_a_new_kind_plugs_in_beside_closed_set_with_no_other_file_changed(first_run, body_calls):
+    """A kind registered from its own module runs through plan, shards, faithfulness, sweep and report
+    next to closed_set, against one shared real-only baseline."""
+    import tests.fake_kind  # noqa: F401  (registers `solid`)
+
+    cfg, _, _ = first_run
+    both = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1]})
+    entry = {"kind": "closed_set", "generator": both.pop("generator"),
+             "sampling": {k: both["generation"].pop(k) for k in ("steps", "batch_size")}}
+    both["synthesizers"] = [entry, {"kind": "solid"}]
+    result, states = _run(both)
+    # closed_set's model and shards come from the first run's cache; only `solid` is new
+    assert body_calls.count("prepare_synthesizer") == 1
+    assert states["prepare-closed_set"] == ["Cached"] and states["prepare-solid"] == ["Completed"]
+    assert states["train-100:0-seed0"] == ["Cached"] and states["train-closed_set 80:20-seed0"] == ["Cached"]
+    assert states["train-solid 80:20-seed0"] == ["Completed"]
+    assert body_calls.count("train_and_evaluate") == 2  # solid's two seeds; the baseline is shared
+    store = Store(cfg["storage"]["url"])
+    solid = [k for k in store.list("synthetic") if k.endswith(".json") and store.read_json(k)["provenance"]["synthesizer"] == "solid"]
+    doc = store.read_json(solid[0])
+    assert doc["images"][0]["provenance"]["colour"] and len(doc["images"]) == both["generation"]["shard_size"]
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## Which method helps which task" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| task | closed_set 80:20"))
+    assert "solid 80:20" in header
+    assert "## Synthesizer `solid` (kind `solid`)" in md and "## Synthesizer `closed_set`" in md
+    assert set(result["faithfulness"]) == {"closed_set", "solid"}

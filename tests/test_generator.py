@@ -268,10 +268,10 @@ def test_noise_shift_divides_the_snr():
 
 
 def test_library_defaults_come_from_the_config():
-    from porcelain.config import GenerationConfig, GeneratorConfig
+    from porcelain.config import GeneratorConfig, SamplingConfig
     from porcelain.models import generator as g
 
-    train, sample = GeneratorConfig(), GenerationConfig()
+    train, sample = GeneratorConfig(), SamplingConfig()
     assert (g.DEFAULT_GUIDANCE, g.DEFAULT_SAMPLING_STEPS, g.DEFAULT_SAMPLE_BATCH_SIZE) == \
         (sample.guidance, sample.steps, sample.batch_size)
     assert (g.DEFAULT_PRESET, g.DEFAULT_TRAIN_STEPS, g.DEFAULT_BATCH_SIZE, g.DEFAULT_LR, g.DEFAULT_EMA,
@@ -304,19 +304,20 @@ def test_spec_config_is_typed_and_names_a_bad_key():
     from_data = {"resolution", "num_classes", "in_channels"}
     assert set(GeneratorConfig.Spec.model_fields) == {f.name for f in fields(GeneratorSpec)} - from_data
     # Omitted keys keep the preset's values; given ones replace them.
-    cfg = config_from_dict({"generator": {"preset": "tiny", "spec": {"patch_size": 2}}}).generator
+    cfg = config_from_dict({"generator": {"preset": "tiny", "spec": {"patch_size": 2}}}).synthesizers[0].generator
     model = create_generator(cfg.preset, num_classes=[2], resolution=16, **cfg.spec.overrides())
     assert model.spec == replace(GENERATOR_PRESETS["tiny"], num_classes=[2], resolution=16, patch_size=2)
     assert GeneratorConfig().spec.overrides() == {}
-    demo = demo_config().generator
+    demo = demo_config().synthesizers[0].generator
     assert create_generator(demo.preset, num_classes=[2], resolution=32, **demo.spec.overrides()).spec.patch_size == 2
 
 
 def test_train_closed_set_passes_the_config(tmp_path, monkeypatch):
     """The stage builds the model from preset + typed spec and trains with the config's settings."""
-    import porcelain.train.closed_set as stage
+    import porcelain.synthesizers.closed_set as stage
     from porcelain.config import GeneratorConfig, RuntimeConfig
     from porcelain.storage import Store
+    from porcelain.synthesizers.prepare import prepare_synthesizer
 
     images, labels = _mirror_data()
     monkeypatch.setattr(stage, "load_split", lambda *a, **k: (images, labels))
@@ -331,7 +332,11 @@ def test_train_closed_set_passes_the_config(tmp_path, monkeypatch):
     cfg = GeneratorConfig(preset="tiny", resolution=RES, train_steps=2, batch_size=4,
                           spec={"norm_num_groups": 4, "noise_shift": 2.0})
     data = {"data_hash": "0" * 16, "n_shards": 1, "tasks": ["side"], "classes": {"side": ["left", "right"]}}
-    ref = stage.train_closed_set(Store(str(tmp_path)), data, cfg, RuntimeConfig(device="cpu"))
+    store = Store(str(tmp_path))
+    ref = prepare_synthesizer(store, data, stage.ClosedSetConfig(generator=cfg), RuntimeConfig(device="cpu"))
     assert seen["hflip"] is False and seen["balance"] == cfg.balance and seen["steps"] == 2
     assert seen["spec"].norm_num_groups == 4 and seen["spec"].noise_shift == 2.0
-    assert ref["spec"]["noise_shift"] == 2.0 and ref["classes"] == data["classes"]
+    assert ref.meta["spec"]["noise_shift"] == 2.0 and ref.meta["classes"] == data["classes"]
+    # the weights live under their content hash and are checked against it
+    w = ref.files["weights"]
+    assert w.key.startswith("weights/") and store.read_verified(w.key, w.sha256)

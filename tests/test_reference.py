@@ -161,9 +161,9 @@ def test_chance_macro_f1_is_what_a_label_blind_predictor_scores():
 def _report(store: Store, data: dict, runs: list[dict]) -> str:
     cfg = config_from_dict({"sweep": {"ratios": ["100:0", "90:10"], "seeds": [0]},
                             "classifier": CLS.model_dump()})
-    plan = plan_generation(store, data, cfg.sweep, GenerationConfig())
-    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "generator": None,
-               "shards": [], "faithfulness": None, "runs": runs}
+    plan = plan_generation(store, data, cfg.sweep, GenerationConfig(), [])
+    summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan, "models": {},
+               "shards": {}, "faithfulness": {}, "runs": runs}
     return store.read_bytes(build_report(store, summary)["report"]).decode()
 
 

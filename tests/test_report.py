@@ -46,7 +46,8 @@ def _summary(store: Store, ratios=("100:0", "90:10"), seeds=(0, 1, 2), acc=(0.6,
             metrics = {"per_task": {t: {"accuracy": 0.5, "macro_f1": acc[i], "minority_macro_f1": acc[i],
                                         "per_class_f1": [acc[i], acc[i]], "support": [100, 100],
                                         "train_counts": [9, 3]} for t in TASKS}}
-            runs.append({"key": key, "ratio": r, "seed": s, "metrics": metrics, "predictions": f"runs/{key}/predictions.json",
+            runs.append({"key": key, "ratio": r, "arm": r if r == "100:0" else f"closed_set {r}",
+                         "synthesizer": None if r == "100:0" else "closed_set", "seed": s, "metrics": metrics, "predictions": f"runs/{key}/predictions.json",
                          "n_real": 12, "n_synthetic": 0 if r == "100:0" else 2, "steps": steps[i], "selected_step": 40,
                          "best_val_macro_f1": 0.5, "model": "small_cnn", "model_reason": "small images", "seconds": 1.0})
     return {
@@ -57,7 +58,7 @@ def _summary(store: Store, ratios=("100:0", "90:10"), seeds=(0, 1, 2), acc=(0.6,
                  "n_shards": 1, "train_counts": [[9, 3], [9, 3]]},
         "plan": {"real_train": 12, "imbalance_before": {t: 3.0 for t in TASKS}, "targeted_without_test": [[1, 1]],
                  "ratios": {r: {"synthetic": 0 if r == "100:0" else 2, "imbalance": {t: 2.0 for t in TASKS}} for r in ratios}},
-        "generator": None, "shards": [], "faithfulness": None, "runs": runs,
+        "models": {}, "shards": {}, "faithfulness": {}, "runs": runs,
     }
 
 
@@ -65,10 +66,11 @@ def test_paired_bootstrap_delta_has_the_right_sign_and_bounded_intervals(tmp_pat
     store = Store(str(tmp_path))
     s = _summary(store)
     preds = {r["key"]: {t: np.asarray(v) for t, v in store.read_json(r["predictions"])["test"].items()} for r in s["runs"]}
-    agg = aggregate(s["runs"], TASKS, ["100:0", "90:10"], _target(), preds, [2, 2], [[9, 3], [9, 3]], n_boot=500)
-    d = agg["delta"]["macro_f1"]["90:10"]["glaze"]
+    arms = ["100:0", "closed_set 90:10"]
+    agg = aggregate(s["runs"], TASKS, arms, _target(), preds, [2, 2], [[9, 3], [9, 3]], n_boot=500)
+    d = agg["delta"]["macro_f1"]["closed_set 90:10"]["glaze"]
     assert d["delta"] > 0.2 and 0 < d["low"] <= d["delta"] <= d["high"]
-    for r in ("100:0", "90:10"):
+    for r in arms:
         m, lo, hi = agg["stats"]["accuracy"][r]["glaze"]
         assert 0.0 <= lo <= m <= hi <= 1.0
 
@@ -77,11 +79,11 @@ def test_report_gives_verdicts_and_escapes_formula_cells(tmp_path):
     store = Store(str(tmp_path))
     out = build_report(store, _summary(store))
     md = store.read_bytes(out["report"]).decode()
-    assert "| 90:10 | glaze |" in md and "| better |" in md
-    assert "Synthetic images helped (interval above 0): glaze (90:10), '" + EVIL + " (90:10)" in md
+    assert "| closed_set 90:10 | glaze |" in md and "| better |" in md
+    assert "Synthetic images helped (interval above 0): glaze (closed_set 90:10), '" + EVIL + " (closed_set 90:10)" in md
     assert "| detectable |" in md and "## Training budget" in md
     assert "**no test image**" in md
-    assert f"| 90:10 | '{EVIL} |" in md and f"| {EVIL}" not in md
+    assert f"| closed_set 90:10 | '{EVIL} |" in md and f"| {EVIL}" not in md
     assert "# porcelain report — '@evil" in md
     rows = list(csv.reader(io.StringIO(store.read_bytes(f"{out['key']}/results.csv").decode())))
     cells = [c for row in rows for c in row]
@@ -106,4 +108,4 @@ def test_the_baseline_is_the_real_only_run_wherever_it_is_listed(tmp_path):
     s = _summary(store, ratios=("90:10", "100:0"), acc=(0.9, 0.6))
     md = store.read_bytes(build_report(store, s)["report"]).decode()
     assert "against the real-only baseline (100:0)" in md
-    assert "| 90:10 | glaze | +0.3" in md
+    assert "| closed_set 90:10 | glaze | +0.3" in md

@@ -73,9 +73,11 @@ def memorisation(generated: np.ndarray, train: np.ndarray, test: np.ndarray) -> 
             "near_copy_share": float((g < threshold).mean()), "n_generated": int(len(g)), "n_test": int(len(r))}
 
 
-def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[dict[str, Any]], reference: dict[str, Any],
+def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], reference: dict[str, Any],
                          cfg: FaithfulnessConfig, runtime: RuntimeConfig) -> dict[str, Any]:
+    """Label faithfulness and memorisation of the images in ``shards`` (one synthesizer's)."""
     apply_runtime(runtime)
+    shards = [s if isinstance(s, dict) else s.model_dump() for s in shards]
     tasks = data["tasks"]
     have: Counter = Counter()
     for ref in shards:

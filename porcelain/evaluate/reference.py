@@ -23,15 +23,14 @@ from porcelain.config import ReferenceConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
 from porcelain.errors import DataError
 from porcelain.evaluate.stats import metric_values
-from porcelain.hashing import code_version, stable_hash
+from porcelain.hashing import code_version, config_identity, stable_hash
 from porcelain.models.classifier import MultiTaskClassifier, create_classifier, resolve_classifier
 from porcelain.models.weights import load_weights, weights_bytes
 from porcelain.progress import LogProgress
-from porcelain.runtime import apply_runtime
+from porcelain.runtime import apply_runtime, runtime_identity
 from porcelain.storage import Store
 from porcelain.train.classifier import predict, train_classifier
-
-STAGE_VERSION = 1
+from porcelain.versions import stage_identity
 
 
 def holdout_mask(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -53,9 +52,10 @@ def holdout_mask(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     return mask
 
 
-def reference_key(data_hash: str, cfg: ReferenceConfig, image_size: int) -> str:
-    return stable_hash({"data": data_hash, "reference": cfg, "size": image_size, "v": STAGE_VERSION,
-                        "code": code_version()})
+def reference_key(data_hash: str, cfg: ReferenceConfig, image_size: int, runtime: RuntimeConfig) -> str:
+    """From the data hash, the settings (``weights`` by content), the stage version and the numeric runtime."""
+    return stable_hash({"data": data_hash, "reference": config_identity(cfg), "size": image_size,
+                        "stage": stage_identity("reference"), "runtime": runtime_identity(runtime)})
 
 
 def test_card(pred: list[np.ndarray], labels: np.ndarray, tasks: list[str], classes: dict[str, list[str]],
@@ -80,10 +80,10 @@ def train_reference(store: Store, data: dict[str, Any], cfg: ReferenceConfig, im
                     runtime: RuntimeConfig) -> dict[str, Any]:
     """Train (or find in the store) the dataset's reference classifier; return its reference and card."""
     apply_runtime(runtime)
-    key = reference_key(data["data_hash"], cfg, image_size)
+    key = reference_key(data["data_hash"], cfg, image_size, runtime)
     card_key = f"reference/{key}/card.json"
     with store.lock(card_key):
-        if not store.exists(card_key):
+        if not store.exists(card_key) or "reference" in runtime.refresh:
             _train(store, data, cfg, image_size, runtime, key, card_key)
     return store.read_json(card_key)
 
@@ -113,7 +113,7 @@ def _train(store: Store, data: dict[str, Any], cfg: ReferenceConfig, image_size:
     pred = predict(model, test_x, device=runtime.device, dtype=runtime.dtype)
     blob = weights_bytes(model.state_dict())
     sha = hashlib.sha256(blob).hexdigest()
-    weights = store.write_bytes(f"reference/{key}/model-{sha[:16]}.safetensors", blob)
+    weights = store.put_object(blob, "safetensors", prefix="weights")  # under its content hash
     card = {
         "key": key, "weights": weights, "weights_sha256": sha, "architecture": name, "why": reason,
         "num_classes": num_classes, "tasks": tasks, "classes": classes, "image_size": image_size,

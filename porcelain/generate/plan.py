@@ -2,8 +2,10 @@
 
 Rare combinations gain most: synthetic images are poured into the rarest combinations first
 ("water filling"), raising the floor of the combination histogram until the budget is spent. The
-allocation for a larger budget contains the allocation for a smaller one, and shard boundaries are
-fixed multiples of the shard size, so adding a larger ratio reuses every finished shard.
+allocation for a larger budget contains the allocation for a smaller one, and every shard holds
+exactly ``shard_size`` images from a multiple of ``shard_size`` on (the last one of a combination
+too), so a shard's key never depends on a ratio: growing a ratio reuses every finished shard and
+only adds new ones.
 """
 
 from __future__ import annotations
@@ -67,22 +69,34 @@ def allocate(counts: dict[Combo, int], total: int) -> dict[Combo, int]:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One unit of generation work: ``count`` images of one combination, from image ``start`` on."""
+    """One unit of generation work: ``count`` images of one combination, from image ``start`` on.
+
+    ``sources`` are the ids of the real train images an image-conditioned kind starts from (one per
+    image, or empty for kinds that start from noise).
+    """
 
     combo: Combo
     start: int
     count: int
     seed: int
+    sources: tuple[str, ...] = ()
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        d = asdict(self)
+        if not self.sources:
+            d.pop("sources")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict:
-        return {"combo": list(self.combo), "start": self.start, "count": self.count, "seed": self.seed}
+        d = {"combo": list(self.combo), "start": self.start, "count": self.count, "seed": self.seed}
+        if self.sources:
+            d["sources"] = list(self.sources)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardSpec:
-        return cls(combo=tuple(int(v) for v in d["combo"]), start=int(d["start"]), count=int(d["count"]), seed=int(d["seed"]))
+        return cls(combo=tuple(int(v) for v in d["combo"]), start=int(d["start"]), count=int(d["count"]),
+                   seed=int(d["seed"]), sources=tuple(d.get("sources", ())))
 
 
 def shard_seed(base_seed: int, combo: Combo, start: int) -> int:
@@ -91,7 +105,8 @@ def shard_seed(base_seed: int, combo: Combo, start: int) -> int:
 
 
 def plan_shards(allocations: Sequence[dict[Combo, int]], shard_size: int, base_seed: int) -> list[ShardSpec]:
-    """Shards that cover the largest allocation of every combination (boundaries at multiples of shard_size)."""
+    """Full shards that cover the largest allocation of every combination (boundaries at multiples of
+    shard_size; the last shard may hold more images than any ratio reads)."""
     need: dict[Combo, int] = {}
     for alloc in allocations:
         for c, n in alloc.items():
@@ -99,8 +114,7 @@ def plan_shards(allocations: Sequence[dict[Combo, int]], shard_size: int, base_s
     shards = []
     for c in sorted(need):
         for start in range(0, need[c], shard_size):
-            count = min(shard_size, need[c] - start)
-            shards.append(ShardSpec(combo=c, start=start, count=count, seed=shard_seed(base_seed, c, start)))
+            shards.append(ShardSpec(combo=c, start=start, count=shard_size, seed=shard_seed(base_seed, c, start)))
     return shards
 
 

@@ -14,83 +14,71 @@ import numpy as np
 from porcelain.config import GenerationConfig, RuntimeConfig
 from porcelain.data.images import decode_image, encode_png, to_array
 from porcelain.generate.plan import ShardSpec
-from porcelain.generate.sampling import sample_images
 from porcelain.hashing import code_version, stable_hash
-from porcelain.models.generator import ConditionalUNet, create_generator
-from porcelain.models.weights import load_weights
-from porcelain.runtime import apply_runtime
+from porcelain.results import ModelRef, ShardRef, key_of
+from porcelain.runtime import apply_runtime, runtime_identity
 from porcelain.storage import Store
+from porcelain.synthesizers import SynthesizerConfig, get
+from porcelain.versions import stage_identity
 
 
-def sampling_params(cfg: GenerationConfig) -> dict[str, Any]:
-    """The generation settings that change the images (batch size does not)."""
-    return {"steps": cfg.steps, "guidance": cfg.guidance}
+def shard_key(ref: ModelRef, spec: ShardSpec, cfg: SynthesizerConfig, runtime: RuntimeConfig) -> str:
+    """``synthetic/<model and sampling identity>/shards/<spec>.json``: from content, never from paths.
 
-
-def shard_key(gen: dict[str, Any], spec: ShardSpec, cfg: GenerationConfig) -> str:
-    sub = stable_hash({"weights": gen["weights_sha256"], "sampling": sampling_params(cfg), "code": code_version()})
+    The prefix holds the prepared model's content key, the kind's sampling settings, the kind's and
+    the writer's stage versions and the numeric runtime; the name holds the shard spec (combination,
+    start, count, seed, source images).
+    """
+    sub = stable_hash({"model": key_of(ref), "settings": cfg.identity(), "runtime": runtime_identity(runtime),
+                       "kind": stage_identity(f"synthesizer:{cfg.kind}"), "writer": stage_identity("shards")}, 20)
     return f"synthetic/{sub}/shards/{spec.key()}.json"
 
 
-_MODELS: dict[str, ConditionalUNet] = {}  # by weights sha256: shards of one run reuse the loaded model
+def generate_shard(store: Store, ref: ModelRef | dict[str, Any], spec: dict[str, Any] | ShardSpec,
+                   cfg: SynthesizerConfig, runtime: RuntimeConfig) -> ShardRef:
+    """Make one shard with ``cfg.kind``'s synthesizer and store it; skip it if it exists.
 
-
-def load_generator(store: Store, gen: dict[str, Any]) -> ConditionalUNet:
-    """Load the generator a reference points to, checking the weights against their recorded hash."""
-    sha = gen["weights_sha256"]
-    if sha not in _MODELS:
-        state, _ = load_weights(store.read_verified(gen["weights"], sha))
-        model = create_generator(gen["spec"])
-        model.load_state_dict(state)
-        _MODELS.clear()
-        _MODELS[sha] = model.eval()
-    return _MODELS[sha]
-
-
-def generate_shard(store: Store, gen: dict[str, Any], spec: dict[str, Any], cfg: GenerationConfig,
-                   runtime: RuntimeConfig) -> dict[str, Any]:
-    """Generate ``spec.count`` images of one attribute combination; return ``{"key", "n"}``."""
+    The one writer for every kind: images go to content-addressed objects first, the manifest (with
+    per-image and per-shard provenance) last, under a lock.
+    """
     apply_runtime(runtime, concurrent=runtime.workers)
-    shard = ShardSpec.from_dict(spec)
-    key = shard_key(gen, shard, cfg)
-    ref = {"key": key, "n": shard.count, "combo": list(shard.combo), "start": shard.start}
+    ref = ref if isinstance(ref, ModelRef) else ModelRef.model_validate(ref)
+    shard = spec if isinstance(spec, ShardSpec) else ShardSpec.from_dict(spec)
+    key = shard_key(ref, shard, cfg, runtime)
     with store.lock(key):
-        if not store.exists(key):
-            _generate(store, gen, shard, key, cfg, runtime)
-    return ref
+        if not store.exists(key) or "shards" in runtime.refresh:
+            _write(store, ref, shard, key, cfg, runtime)
+    return ShardRef(key=key, n=shard.count, combo=list(shard.combo), start=shard.start, synthesizer=cfg.label)
 
 
-def _generate(store: Store, gen: dict[str, Any], shard: ShardSpec, key: str, cfg: GenerationConfig,
-              runtime: RuntimeConfig) -> None:
-    model = load_generator(store, gen)
-    labels = np.tile(np.asarray(shard.combo, dtype=np.int64), (shard.count, 1))
-    images = sample_images(model, labels, steps=cfg.steps, guidance=cfg.guidance, seed=shard.seed,
-                           batch_size=cfg.batch_size, device=runtime.device, dtype=runtime.dtype)
-    objects = [store.put_object(encode_png(img), "png") for img in images]
-    named = {t: gen["classes"][t][v] for t, v in zip(gen["tasks"], shard.combo)}
+def _write(store: Store, ref: ModelRef, shard: ShardSpec, key: str, cfg: SynthesizerConfig,
+           runtime: RuntimeConfig) -> None:
+    out = get(cfg.kind).generate(store, ref, shard, cfg, runtime)
+    if len(out.images) != shard.count:
+        raise RuntimeError(f"synthesizer {cfg.kind} made {len(out.images)} images for a shard of {shard.count}")
+    if out.provenance and len(out.provenance) != shard.count:
+        raise RuntimeError(f"synthesizer {cfg.kind} gave {len(out.provenance)} provenance records for {shard.count} images")
+    objects = [store.put_object(encode_png(np.asarray(img, dtype=np.uint8)), "png") for img in out.images]
+    classes, tasks = ref.meta.get("classes"), ref.meta.get("tasks")
+    named = {t: classes[t][v] for t, v in zip(tasks, shard.combo)} if classes and tasks else {}
+    per_image = out.provenance or [{} for _ in objects]
     store.write_json(key, {
-        "images": [{"key": k, "index": shard.start + i} for i, k in enumerate(objects)],
+        "images": [{"key": k, "index": shard.start + i, **({"provenance": p} if p else {})}
+                   for i, (k, p) in enumerate(zip(objects, per_image))],
         "provenance": {
-            "combination": named,
-            "combo": list(shard.combo),
-            "seed": shard.seed,
-            "start": shard.start,
-            "count": shard.count,
-            "model_sha256": gen["weights_sha256"],
-            "generator": gen["key"],
-            "steps": cfg.steps,
-            "guidance": cfg.guidance,
-            "code_version": code_version(),
+            "synthesizer": cfg.kind, "settings": cfg.identity(), "combination": named, "combo": list(shard.combo),
+            "seed": shard.seed, "start": shard.start, "count": shard.count, "sources": list(shard.sources),
+            "model": key_of(ref), **out.shard, "runtime": runtime_identity(runtime), "code_version": code_version(),
         },
     })
 
 
-def load_synthetic(store: Store, shards: list[dict[str, Any]], alloc: dict[tuple[int, ...], int],
+def load_synthetic(store: Store, shards: list[ShardRef | dict[str, Any]], alloc: dict[tuple[int, ...], int],
                    size: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``alloc[combo]`` generated images of each combination, as arrays at ``size`` px."""
     by_combo: dict[tuple[int, ...], list[tuple[int, str]]] = {}
     for ref in shards:
-        manifest = store.read_json(ref["key"])
+        manifest = store.read_json(ref.key if isinstance(ref, ShardRef) else ref["key"])
         combo = tuple(manifest["provenance"]["combo"])
         by_combo.setdefault(combo, []).extend((im["index"], im["key"]) for im in manifest["images"])
     images, labels = [], []

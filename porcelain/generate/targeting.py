@@ -11,10 +11,10 @@ from porcelain.generate.plan import (
     class_counts_after,
     combination_counts,
     imbalance_ratio,
-    plan_shards,
     synthetic_budget,
 )
 from porcelain.storage import Store
+from porcelain.synthesizers import SynthesizerConfig, get
 
 
 def encode_alloc(alloc: dict[tuple[int, ...], int]) -> list[list]:
@@ -26,8 +26,10 @@ def decode_alloc(rows: list[list]) -> dict[tuple[int, ...], int]:
     return {tuple(int(v) for v in c): int(n) for c, n in rows}
 
 
-def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg: GenerationConfig) -> dict[str, Any]:
-    """Allocation per ratio, the shards that cover them all, and imbalance ratios before and after."""
+def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg: GenerationConfig,
+                    synthesizers: list[SynthesizerConfig]) -> dict[str, Any]:
+    """Allocation per ratio (the same for every synthesizer), each synthesizer's shards that cover
+    them all (``shards[label]``), and imbalance ratios before and after."""
     meta = store.read_json(f"{dataset_key(data['data_hash'])}/dataset.json")
     tasks, classes = meta["tasks"], meta["classes"]
     train = [[classes[t].index(r["labels"][t]) for t in tasks] for r in meta["records"] if r["split"] == "train"]
@@ -44,25 +46,32 @@ def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg:
             "class_counts": after,
             "imbalance": {t: imbalance_ratio(after[i]) for i, t in enumerate(tasks)},
         }
-    shards = plan_shards([decode_alloc(r["alloc"]) for r in ratios.values()], cfg.shard_size, cfg.seed)
+    need: dict[tuple[int, ...], int] = {}
+    for r in ratios.values():
+        for c, n in decode_alloc(r["alloc"]).items():
+            need[c] = max(need.get(c, 0), n)
+    shards = {s.label: get(s.kind).plan(store, data, s, need, cfg.shard_size, cfg.seed) for s in synthesizers}
     # Targeted combinations are the rarest ones, often with no test image at all: per-combination
     # gains there cannot be measured, and the report says so.
     test = {tuple(classes[t].index(r["labels"][t]) for t in tasks) for r in meta["records"] if r["split"] == "test"}
-    targeted = sorted({tuple(s.combo) for s in shards})
+    targeted = sorted(c for c, n in need.items() if n > 0)
     return {
         "real_train": len(train),
         "combinations": [[list(c), n] for c, n in counts.items()],
         "imbalance_before": {t: imbalance_ratio(real_counts[i]) for i, t in enumerate(tasks)},
         "ratios": ratios,
-        "shards": [s.to_dict() for s in shards],
+        "shards": {label: [s.to_dict() for s in specs] for label, specs in shards.items()},
         "targeted_without_test": [list(c) for c in targeted if c not in test],
     }
 
 
-def shards_for(alloc_rows: list[list], shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def shards_for(alloc_rows: list[list], shards: list[Any]) -> list[Any]:
     """The shards one ratio reads: those holding images below its allocation of their combination.
 
     Only these enter that ratio's cache key, so adding a larger ratio leaves smaller ones cached.
     """
     alloc = decode_alloc(alloc_rows)
-    return [s for s in shards if s["start"] < alloc.get(tuple(s["combo"]), 0)]
+    def field(s: Any, k: str) -> Any:
+        return s[k] if isinstance(s, dict) else getattr(s, k)
+
+    return [s for s in shards if field(s, "start") < alloc.get(tuple(field(s, "combo")), 0)]

@@ -19,6 +19,9 @@ from porcelain.evaluate.metrics import minority_classes
 from porcelain.evaluate.stats import bootstrap_mean, paired_bootstrap, verdict
 from porcelain.generate.shards import load_synthetic
 from porcelain.hashing import code_version, stable_hash
+from porcelain.results import ModelRef
+from porcelain.synthesizers import get as get_synthesizer
+from porcelain.versions import stage_identity
 from porcelain.report import plots
 from porcelain.report.csvsafe import csv_safe, write_csv
 from porcelain.storage import Store
@@ -69,13 +72,26 @@ def load_predictions(store: Store, runs: list[dict[str, Any]]) -> dict[str, dict
     return out
 
 
+def arms_of(runs: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The baseline arm (the real-only runs) and every arm in run order: ``"<ratio>"`` for the
+    baseline, ``"<synthesizer> <ratio>"`` for the others."""
+    arms = list(dict.fromkeys(_arm(x) for x in runs))
+    base = next(_arm(x) for x in runs if x.get("synthesizer") is None and parse_ratio(x["ratio"]) == 0.0)
+    return base, [base] + [a for a in arms if a != base]
+
+
+def _arm(x: dict[str, Any]) -> str:
+    return x.get("arm") or x["ratio"]
+
+
 def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], target: np.ndarray,
               preds: dict[str, dict[str, np.ndarray]], num_classes: list[int], train_counts: list[list[int]],
               n_boot: int = 2000) -> dict[str, Any]:
-    """Per ratio/task/metric the mean with a two-level bootstrap interval, and per non-baseline ratio
-    the paired bootstrap difference against the real-only baseline (same seeds, same test images)."""
-    base = next(r for r in ratios if parse_ratio(r) == 0.0)
-    by = {r: sorted((x for x in runs if x["ratio"] == r), key=lambda x: x["seed"]) for r in ratios}
+    """Per arm/task/metric the mean with a two-level bootstrap interval, and per non-baseline arm the
+    paired bootstrap difference against the real-only baseline (same seeds, same test images).
+    ``ratios`` are the arms (see :func:`arms_of`), the baseline first."""
+    base = ratios[0]
+    by = {r: sorted((x for x in runs if _arm(x) == r), key=lambda x: x["seed"]) for r in ratios}
     stats: dict[str, dict[str, dict[str, tuple]]] = {m: {r: {} for r in ratios} for m in METRICS}
     delta: dict[str, dict[str, dict[str, dict]]] = {m: {r: {} for r in ratios if r != base} for m in DELTA_METRICS}
     for t, task in enumerate(tasks):
@@ -100,7 +116,7 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], t
 def learned(runs: list[dict[str, Any]], tasks: list[str], baseline: str, target: np.ndarray,
             num_classes: list[int], margin: float) -> dict[str, dict[str, Any]]:
     """Per task: did the real-only baseline learn it (mean test macro-F1 ≥ chance + margin)?"""
-    base = [x for x in runs if x["ratio"] == baseline]
+    base = [x for x in runs if _arm(x) == baseline]
     out = {}
     for t, task in enumerate(tasks):
         score = float(np.mean([x["metrics"]["per_task"][task]["macro_f1"] for x in base]))
@@ -123,8 +139,9 @@ def fairness(runs: list[dict[str, Any]]) -> list[str]:
 def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``reports/<key>/`` (report.md, results.csv, PNGs); return keys, the Markdown and a table."""
     data, plan, runs, cfg = summary["data"], summary["plan"], summary["runs"], summary["config"]
-    tasks, ratios = data["tasks"], list(cfg["sweep"]["ratios"])
-    key = stable_hash({"summary": summary, "code": code_version()})
+    tasks = data["tasks"]
+    _, ratios = arms_of(runs)  # the arms: real-only baseline, then synthesizer × ratio
+    key = stable_hash({"summary": summary, "stage": stage_identity("report")})
     base = f"reports/{key}"
     num_classes = [len(data["classes"][t]) for t in tasks]
     _, target = load_split(store, data["data_hash"], cfg["classifier"]["image_size"], data["n_shards"], "test")
@@ -135,20 +152,24 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     agg["confounded"] = fairness(runs)
 
     figs: dict[str, bytes] = {}
+    mixes = [r for r in cfg["sweep"]["ratios"] if plan["ratios"][r]["synthetic"]]
     figs["imbalance.png"] = plots.imbalance_bars(
-        tasks, plan["imbalance_before"], {r: plan["ratios"][r]["imbalance"] for r in ratios if plan["ratios"][r]["synthetic"]})
+        tasks, plan["imbalance_before"], {r: plan["ratios"][r]["imbalance"] for r in mixes})
     figs["macro_f1.png"] = plots.metric_by_ratio(tasks, ratios, agg["stats"]["macro_f1"], "macro-F1 (test, 95% CI)")
     figs["minority_macro_f1.png"] = plots.metric_by_ratio(tasks, ratios, agg["stats"]["minority_macro_f1"],
                                                          "minority-class macro-F1 (test, 95% CI)")
-    if summary.get("shards"):
-        figs["samples.png"] = _sample_grid(store, summary, cfg["generation"]["grid_per_combination"])
+    for label, shards in (summary.get("shards") or {}).items():
+        if shards:
+            figs[f"samples-{_slug(label)}.png"] = _sample_grid(store, summary, label, cfg["generation"]["grid_per_combination"])
     for name, blob in figs.items():
         store.write_bytes(f"{base}/{name}", blob)
 
     table = []
     for r in ratios:
         for t in tasks:
-            row = {"ratio": r, "task": t, "seeds": len([x for x in runs if x["ratio"] == r])}
+            arm_runs = [x for x in runs if _arm(x) == r]
+            row = {"arm": r, "synthesizer": arm_runs[0].get("synthesizer") or "", "ratio": arm_runs[0]["ratio"],
+                   "task": t, "seeds": len(arm_runs)}
             for m in METRICS:
                 mean, lo, hi = agg["stats"][m][r][t]
                 row[m] = round(mean, 4)
@@ -168,6 +189,10 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
             "markdown": md, "table": table}
 
 
+def _short(verdict_text: str) -> str:
+    return "(not compared)" if verdict_text.startswith("not compared") else f"({verdict_text})"
+
+
 def _task_verdict(agg: dict[str, Any], ratio: str, task: str) -> str:
     if agg["confounded"]:
         return "not compared: the runs are not comparable (see Training budget)"
@@ -176,19 +201,24 @@ def _task_verdict(agg: dict[str, Any], ratio: str, task: str) -> str:
     return verdict(agg["delta"]["macro_f1"][ratio][task])
 
 
-def _sample_grid(store: Store, summary: dict[str, Any], per_side: int) -> bytes:
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def _sample_grid(store: Store, summary: dict[str, Any], label: str, per_side: int) -> bytes:
     data, gen_tasks = summary["data"], summary["data"]["tasks"]
     classes = data["classes"]
-    size = summary["config"]["generator"]["resolution"]
+    size = summary["config"]["classifier"]["image_size"]
     real_x, real_y = load_split(store, data["data_hash"], size, data["n_shards"], "train")
     have_n: dict[tuple, int] = {}
-    for s in summary["shards"]:
+    shards = summary["shards"][label]
+    for s in shards:
         have_n[tuple(s["combo"])] = have_n.get(tuple(s["combo"]), 0) + s["n"]
     # the combinations that received the most synthetic images (the rarest ones), at most MAX_GRID_ROWS
     combos = sorted(sorted(have_n, key=lambda c: -have_n[c])[:MAX_GRID_ROWS])
     rows = []
     for combo in combos:
-        syn_x, _ = load_synthetic(store, [s for s in summary["shards"] if tuple(s["combo"]) == combo],
+        syn_x, _ = load_synthetic(store, [s for s in shards if tuple(s["combo"]) == combo],
                                   {combo: min(per_side, have_n[combo])}, size)
         real = real_x[np.all(real_y == np.asarray(combo), axis=1)][:per_side]
         label = " / ".join(classes[t][v] for t, v in zip(gen_tasks, combo))
@@ -197,10 +227,12 @@ def _sample_grid(store: Store, summary: dict[str, Any], per_side: int) -> bytes:
 
 
 def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, bytes], key: str) -> str:
-    data, plan, gen, runs = summary["data"], summary["plan"], summary.get("generator"), summary["runs"]
-    faith, cfg = summary.get("faithfulness") or {}, summary["config"]
-    tasks, ratios, base = data["tasks"], list(cfg["sweep"]["ratios"]), agg["baseline"]
+    data, plan, runs = summary["data"], summary["plan"], summary["runs"]
+    faiths, cfg = summary.get("faithfulness") or {}, summary["config"]
+    tasks, base = data["tasks"], agg["baseline"]
+    _, ratios = arms_of(runs)
     others = [r for r in ratios if r != base]
+    mixes = [r for r in cfg["sweep"]["ratios"] if parse_ratio(r) > 0]
     e = csv_safe  # every value that came from user data is escaped
     L: list[str] = [f"# porcelain report — {e(cfg['name'])}", ""]
 
@@ -211,7 +243,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
     for t in tasks:
         lt = agg["learned"][t]
         if not lt["learned"]:
-            steps = sorted({x.get("steps") for x in runs if x["ratio"] == base})
+            steps = sorted({x.get("steps") for x in runs if _arm(x) == base})
             warn.append(f"**Classifier did not learn `{e(t)}`**: real-only test macro-F1 {lt['macro_f1']:.3f} against "
                         f"{lt['chance']:.3f} for a label-blind guess (margin {cfg['sweep']['learned_margin']}), after "
                         f"{steps} optimizer steps. No verdict for this task: raise `classifier.steps`, try another "
@@ -225,20 +257,32 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         warn.append(f"**Synthetic images made these tasks worse** (interval below 0): {', '.join(worse)}.")
     if better:
         warn.append(f"Synthetic images helped (interval above 0): {', '.join(better)}.")
-    for t, f in (faith.get("faithfulness") or {}).items():
-        if "not_measurable" in f:
-            warn.append(f"Label faithfulness of `{e(t)}` is **not measurable**: {f['not_measurable']}.")
+    unjudged = sorted({t for faith in faiths.values() for t, f in (faith.get("faithfulness") or {}).items()
+                       if "not_measurable" in f})
+    for t in unjudged:
+        why = next(f["faithfulness"][t]["not_measurable"] for f in faiths.values() if t in f.get("faithfulness", {}))
+        warn.append(f"Label faithfulness of `{e(t)}` is **not measurable**: {why}.")
     if not worse and not better and not agg["confounded"]:
-        warn.append("No ratio changed any task's macro-F1 by more than this run can tell apart from noise "
-                    "(see the smallest detectable difference per task).")
+        warn.append("No synthesizer or ratio changed any task's macro-F1 by more than this run can tell apart from "
+                    "noise (see the smallest detectable difference per task).")
     L += ["## Verdict", ""] + [f"- {w}" for w in warn] + [""]
+    if others:
+        L += ["## Which method helps which task", "",
+              f"Δ test macro-F1 against the real-only baseline ({e(base)}) [95% paired bootstrap interval], and the "
+              "verdict, per synthesizer and ratio.", "",
+              "| task | " + " | ".join(e(r) for r in others) + " |", "|---|" + "---|" * len(others)]
+        for t in tasks:
+            L.append(f"| {e(t)} | " + " | ".join(
+                f"{_dci(agg['delta']['macro_f1'][r][t])} {_short(_task_verdict(agg, r, t))}" for r in others) + " |")
+        L += [""]
 
     L += ["## Does synthetic data help?", "",
           f"Difference of test macro-F1 against the real-only baseline ({e(base)}), mean over seeds, with a 95% "
           f"paired bootstrap interval ({cfg['sweep']['bootstrap']} replicates resampling seeds and test images; the "
           "same images for both arms). *Detectable* is the smallest true difference this run would detect with "
           "80% power: a difference smaller than that can hide in 'no clear difference'.", "",
-          "| ratio | task | Δ macro-F1 | Δ minority macro-F1 | detectable | verdict |", "|---|---|---|---|---|---|"]
+          "| synthesizer and ratio | task | Δ macro-F1 | Δ minority macro-F1 | detectable | verdict |",
+          "|---|---|---|---|---|---|"]
     for r in others:
         for t in tasks:
             d, dm = agg["delta"]["macro_f1"][r][t], agg["delta"]["minority_macro_f1"][r][t]
@@ -249,10 +293,10 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           "Every run trains the same number of optimizer steps whatever its ratio, with class weights from the "
           "real train counts, and keeps the checkpoint with the best mean macro-F1 on the real val split "
           "(never synthetic images).", "",
-          "| ratio | seed | real | synthetic | steps | selected step | val macro-F1 | model | s |",
+          "| arm | seed | real | synthetic | steps | selected step | val macro-F1 | model | s |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for x in sorted(runs, key=lambda x: (ratios.index(x["ratio"]), x["seed"])):
-        L.append(f"| {x['ratio']} | {x['seed']} | {x['n_real']} | {x['n_synthetic']} | {x.get('steps')} | "
+    for x in sorted(runs, key=lambda x: (ratios.index(_arm(x)), x["seed"])):
+        L.append(f"| {e(_arm(x))} | {x['seed']} | {x['n_real']} | {x['n_synthetic']} | {x.get('steps')} | "
                  f"{x.get('selected_step')} | {_fmt(x.get('best_val_macro_f1'))} | `{e(x.get('model', '?'))}` | {x['seconds']} |")
     if runs and runs[0].get("model_reason"):
         L += ["", f"Classifier: {e(runs[0]['model_reason'])}"]
@@ -276,38 +320,39 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
                  f"cannot be measured: {', '.join(names)}{' …' if len(missing) > 12 else ''}")
     L += [""]
     L += ["## Imbalance ratio (most / least common class, train)", "",
-          "| task | real only | " + " | ".join(f"with {r}" for r in others) + " |",
-          "|---|---|" + "---|" * len(others)]
+          "| task | real only | " + " | ".join(f"with {r}" for r in mixes) + " |",
+          "|---|---|" + "---|" * len(mixes)]
     for t in tasks:
         L.append(f"| {e(t)} | {plan['imbalance_before'][t]:.1f}:1 | "
-                 + " | ".join(f"{plan['ratios'][r]['imbalance'][t]:.1f}:1" for r in others) + " |")
-    L += ["", "Synthetic images per ratio: " + ", ".join(f"{r} → {plan['ratios'][r]['synthetic']}" for r in ratios)
+                 + " | ".join(f"{plan['ratios'][r]['imbalance'][t]:.1f}:1" for r in mixes) + " |")
+    L += ["", "Synthetic images per ratio (the same for every synthesizer): "
+          + ", ".join(f"{r} → {plan['ratios'][r]['synthetic']}" for r in cfg["sweep"]["ratios"])
           + f" (real train images: {plan['real_train']}); rarest combinations first.", ""]
-    if gen:
-        L += ["## Closed-set generator", "",
-              f"- trained from scratch on the {gen['train_images']} real train images only: preset "
-              f"`{cfg['generator']['preset']}`, {gen['steps']} steps at {cfg['generator']['resolution']} px, "
-              f"{gen['seconds']} s, final loss {_fmt(gen['final_loss'], 4)}",
-              f"- sampling: DDIM {cfg['generation']['steps']} steps, guidance w={cfg['generation']['guidance']}; "
-              f"weights sha256 `{gen['weights_sha256'][:16]}`", ""]
-    if faith.get("n_images"):
-        L += _faithfulness_section(faith, tasks, e)
+    entries = {(c.get("name") or c["kind"]): c for c in cfg.get("synthesizers", [])}
+    for label, model in (summary.get("models") or {}).items():
+        syn_cfg = get_synthesizer(entries[label]["kind"]).config.model_validate(entries[label])
+        ref = ModelRef.model_validate(model)
+        L += [f"## Synthesizer `{e(label)}` (kind `{e(ref.kind)}`)", ""]
+        L += get_synthesizer(ref.kind).describe(ref, syn_cfg) + [""]
+        faith = faiths.get(label) or {}
+        if faith.get("n_images"):
+            L += _faithfulness_section(faith, tasks, e)
     L += ["## Results on the real test split", "", "Mean over seeds [95% bootstrap interval].", "",
           "| ratio | task | accuracy | macro-F1 | minority macro-F1 |", "|---|---|---|---|---|"]
     for r in ratios:
         for t in tasks:
-            L.append(f"| {r} | {e(t)} | {_ci(agg['stats']['accuracy'][r][t])} | {_ci(agg['stats']['macro_f1'][r][t])}"
+            L.append(f"| {e(r)} | {e(t)} | {_ci(agg['stats']['accuracy'][r][t])} | {_ci(agg['stats']['macro_f1'][r][t])}"
                      f" | {_ci(agg['stats']['minority_macro_f1'][r][t])} |")
     L += ["", "### F1 per class, with its test support", "",
           "Mean over seeds. A class with few test images has a noisy F1.", ""]
     for t in tasks:
-        first = next(x for x in runs if x["ratio"] == base)["metrics"]["per_task"][t]
+        first = next(x for x in runs if _arm(x) == base)["metrics"]["per_task"][t]
         L += [f"**{e(t)}**", "", "| class | train | test | " + " | ".join(ratios) + " |",
               "|---|---|---|" + "---|" * len(ratios)]
         for k, name in enumerate(data["classes"][t]):
             cells = []
             for r in ratios:
-                vals = [x["metrics"]["per_task"][t]["per_class_f1"][k] for x in runs if x["ratio"] == r]
+                vals = [x["metrics"]["per_task"][t]["per_class_f1"][k] for x in runs if _arm(x) == r]
                 cells.append(_fmt(float(np.mean(vals))) if vals else "n/a")
             L.append(f"| {e(name)} | {first['train_counts'][k]} | {first['support'][k]} | " + " | ".join(cells) + " |")
         L.append("")
@@ -325,7 +370,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
 
 def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[str]:
     ref = faith["reference"]
-    L = ["## Label faithfulness", "",
+    L = ["### Label faithfulness", "",
          f"The reference classifier (`{e(ref['architecture'])}`, trained on real {ref['trained_on']} images only, "
          f"selected at step {ref['selected_step']}) classifies the {faith['n_images']} generated images; "
          "faithfulness is the share assigned to the value they were generated for [95% Wilson interval]. "
@@ -354,7 +399,7 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
         L.append("")
     mem = faith.get("memorisation")
     if mem:
-        L += ["### Memorisation", "",
+        L += ["#### Memorisation", "",
               f"Median distance to the nearest real train image (RMS pixel difference, 0–1): generated "
               f"{mem['generated_median']:.3f}, real test images {mem['test_median']:.3f} (ratio {mem['ratio']:.2f}; "
               "well below 1 means the generator reproduces its training images). "

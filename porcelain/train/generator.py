@@ -141,7 +141,11 @@ def train_generator(
     ``stopped_early`` (and the settings used).
 
     ``lr_schedule`` is any name of :func:`diffusers.optimization.get_scheduler` (``"constant"``,
-    ``"cosine"``, …). ``snr_gamma`` enables Min-SNR-gamma loss weighting (``None``: plain MSE).
+    ``"cosine"``, …). ``snr_gamma`` enables Min-SNR-gamma loss weighting (``None``, the default: plain
+    MSE on the prediction target). Min-SNR gives the noisiest timesteps almost no weight (for
+    v-prediction ``min(snr, γ) / (snr + 1) → snr``), and those are where the labels decide what the
+    image shows: on the digits set γ=5 reached 83–90% digit faithfulness, plain MSE 100% at equal
+    steps (benchmarks/generator_digits.py).
 
     ``balance`` (α ≥ 0) draws each training image with probability ∝ ``count(its label
     combination) ** -α`` (:func:`combination_sampling_weights`): 0 is uniform over images, 1 uniform
@@ -187,9 +191,8 @@ def train_generator(
     # add_noise indexes alphas_cumprod with the timesteps; keep them on the device.
     noise_sched.alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
 
-    # Min-SNR-gamma weight of each timestep (Hang et al. 2023): low- and high-noise timesteps,
-    # whose loss is large but uninformative, are down-weighted so that training spends its effort
-    # on the structure (silhouette, bands) rather than on pixel noise.
+    # Min-SNR-gamma weight of each timestep (Hang et al. 2023): low- and high-noise timesteps are
+    # down-weighted. Off by default (see the docstring): the high-noise ones carry the labels.
     t_weight = None
     if snr_gamma:
         a = noise_sched.alphas_cumprod.float().cpu()

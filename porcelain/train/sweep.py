@@ -13,23 +13,32 @@ from porcelain.data.ingest import load_split
 from porcelain.evaluate.metrics import evaluate_predictions
 from porcelain.generate.shards import load_synthetic
 from porcelain.generate.targeting import decode_alloc
-from porcelain.hashing import code_version, stable_hash
+from porcelain.hashing import config_identity, stable_hash
 from porcelain.models.classifier import create_classifier, resolve_classifier
 from porcelain.models.weights import weights_bytes
 from porcelain.progress import LogProgress
-from porcelain.runtime import apply_runtime
+from porcelain.results import ShardRef
+from porcelain.runtime import apply_runtime, runtime_identity
 from porcelain.storage import Store
 from porcelain.train.classifier import predict, train_classifier
+from porcelain.versions import stage_identity
 
 
-def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cfg: ClassifierConfig) -> str:
-    return stable_hash({"data": data_hash, "ratio": ratio, "seed": seed, "synthetic": synthetic,
-                        "classifier": cfg, "code": code_version()})
+def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cfg: ClassifierConfig,
+            runtime: RuntimeConfig) -> str:
+    """From content only: the data, the synthetic images it reads (their shard keys and how many per
+    combination), the classifier settings with ``weights`` as the file's sha256, the stage version and
+    the numeric runtime. The synthesizer's display name and the ratio's spelling are not in it."""
+    shards = sorted(s.key if isinstance(s, ShardRef) else s["key"] for s in synthetic.get("shards", []))
+    return stable_hash({"data": data_hash, "synthetic": {"alloc": synthetic.get("alloc", []), "shards": shards},
+                        "seed": seed, "classifier": config_identity(cfg), "stage": stage_identity("sweep"),
+                        "runtime": runtime_identity(runtime)})
 
 
 def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
-                       cfg: ClassifierConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0).
+                       cfg: ClassifierConfig, runtime: RuntimeConfig, synthesizer: str | None = None) -> dict[str, Any]:
+    """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0), made
+    by the synthesizer labelled ``synthesizer`` (None for the real-only baseline).
 
     Every run trains ``cfg.budget(real train images)`` optimizer steps, whatever its ratio, with class
     weights and sampler weights from the *real* train counts, and keeps the checkpoint with the best
@@ -37,12 +46,14 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
     report's paired bootstrap. Up to ``runtime.workers`` of these run at once and share the CPU threads.
     """
     apply_runtime(runtime, concurrent=runtime.workers)
-    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg)
+    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg, runtime)
     out = f"runs/{key}/metrics.json"
     with store.lock(out):
-        if not store.exists(out):
+        if not store.exists(out) or "sweep" in runtime.refresh:
             store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key))
-    return store.read_json(out)
+    # the run is shared by content; how this run config names it is added here
+    return {**store.read_json(out), "ratio": ratio, "synthesizer": synthesizer,
+            "arm": ratio if synthesizer is None else f"{synthesizer} {ratio}"}
 
 
 def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
