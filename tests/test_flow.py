@@ -8,6 +8,7 @@ from porcelain.config import config_from_dict
 from porcelain.storage import Store
 from tests.flowkit import run_flow as _run
 from tests.flowkit import tiny_config
+from tests.sd_fixtures import tiny_base  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +158,33 @@ def test_a_new_kind_plugs_in_beside_closed_set_with_no_other_file_changed(first_
     assert "solid 80:20" in header
     assert "## Synthesizer `solid` (kind `solid`)" in md and "## Synthesizer `closed_set`" in md
     assert set(result["faithfulness"]) == {"closed_set", "solid"}
+
+
+def test_closed_set_and_sd_lora_side_by_side_through_sweep_and_report(first_run, tiny_base, body_calls):
+    """The porcelain paper's kind on a tiny random SD pipeline saved by the test, loaded by the real
+    loading code, beside closed_set (cached from the first run), one shared baseline."""
+    cfg, _, _ = first_run
+    both = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1]})
+    entry = {"kind": "closed_set", "generator": both.pop("generator"),
+             "sampling": {k: both["generation"].pop(k) for k in ("steps", "batch_size")}}
+    sd = {"kind": "sd_lora", "name": "sd", "base": str(tiny_base), "resolution": 32,
+          "prompts": {"vocabulary": "sample"},
+          "lora": {"train_steps": 3, "batch_size": 2, "checkpoint_every": 2, "lr": 5e-2},
+          "inference": {"steps": 3, "guidance": 3.0, "batch_size": 8}}
+    both["synthesizers"] = [entry, sd]
+    result, states = _run(both)
+    assert states["prepare-closed_set"] == ["Cached"] and states["prepare-sd"] == ["Completed"]
+    assert states["train-100:0-seed0"] == ["Cached"] and states["train-sd 80:20-seed1"] == ["Completed"]
+    store = Store(cfg["storage"]["url"])
+    runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
+    assert {r["steps"] for r in runs} == {12}  # every arm, every kind: the same budget
+    sd_shards = [store.read_json(k) for k in store.list("synthetic") if k.endswith(".json")]
+    sd_shards = [d for d in sd_shards if d["provenance"]["synthesizer"] == "sd_lora"]
+    assert sd_shards and all(len(d["images"]) == both["generation"]["shard_size"] for d in sd_shards)
+    prov = sd_shards[0]["images"][0]["provenance"]
+    assert "Chinese porcelain" in prov["prompt"] and prov["lora_scale"] == 0.4  # the paper's default scale
+    md = store.read_bytes(result["report"]["report"]).decode()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| task | closed_set 80:20"))
+    assert "sd 80:20" in header
+    assert "## Synthesizer `sd` (kind `sd_lora`)" in md and "LoRA scale 0.4" in md
+    assert set(result["faithfulness"]) == {"closed_set", "sd"}

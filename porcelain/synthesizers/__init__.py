@@ -17,6 +17,7 @@ __all__ = ["Generated", "Synthesizer", "SynthesizerConfig", "builtin_kinds", "ge
 # kind -> module that registers it (imported lazily)
 _BUILTIN = {
     "closed_set": "porcelain.synthesizers.closed_set",
+    "sd_lora": "porcelain.synthesizers.sd_lora",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 
