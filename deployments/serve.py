@@ -18,8 +18,7 @@ from pathlib import Path
 
 from prefect import serve
 
-from flows.cli import result_storage_for_config
-from flows.pipeline import pipeline
+from flows.cli import configured_flow
 from porcelain.config import RunConfig, load_config
 
 WEEKLY = "0 2 * * 1"
@@ -27,7 +26,7 @@ NIGHTLY = "30 1 * * *"
 
 
 def build_deployments(cfg: RunConfig, weekly: str = WEEKLY, nightly: str = NIGHTLY) -> list:
-    flow = pipeline.with_options(result_storage=result_storage_for_config(cfg))
+    flow = configured_flow(cfg)  # workers and result storage come from the config inside the flow
     params = {"config": cfg.model_dump(mode="json")}
     tags = ["porcelain", cfg.name]
     return [

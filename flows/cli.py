@@ -18,13 +18,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERV
     os.environ.setdefault(_k, _v)
 
 from porcelain.config import RunConfig, demo_config, example_yaml, json_schema, load_config  # noqa: E402
-from porcelain.errors import PorcelainError  # noqa: E402
-
-
-def result_storage_for_config(cfg: RunConfig):
-    from tasks.policy import result_storage_for
-
-    return result_storage_for(cfg.storage)
+from porcelain.errors import ConfigError, PorcelainError  # noqa: E402
 
 
 def _start_temporary_server() -> threading.Thread | None:
@@ -52,19 +46,21 @@ def _start_temporary_server() -> threading.Thread | None:
     return thread
 
 
+def configured_flow(cfg: RunConfig):
+    """The pipeline flow. Everything a run config decides (task result storage beside the run's data,
+    ``runtime.workers`` tasks at once) is applied inside the flow, so a deployment that loads the flow
+    from its entrypoint behaves like the CLI."""
+    from flows.pipeline import pipeline
+
+    return pipeline
+
+
 def run_config(cfg: RunConfig) -> dict:
     """Run the pipeline flow with task results persisted beside the run's data."""
     server = _start_temporary_server()
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.pipeline import pipeline
-
     if server is not None:
         server.join()
-
-    flow = pipeline.with_options(result_storage=result_storage_for_config(cfg),
-                                 task_runner=ThreadPoolTaskRunner(max_workers=cfg.runtime.workers))
-    state = flow(cfg.model_dump(mode="json"), return_state=True)
+    state = configured_flow(cfg)(cfg.model_dump(mode="json"), return_state=True)
     if server is not None:
         wait_until_recorded(state.state_details.flow_run_id)
     return state.result()
@@ -147,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--storage", default="./porcelain-runs", help="folder or s3:// URL for everything the run makes")
     run = sub.add_parser("run", help="run the pipeline for a YAML run config")
     run.add_argument("config", type=Path)
+    for p in (demo, run):
+        p.add_argument("--refresh", action="append", default=[], metavar="STAGE",
+                       help="recompute this stage although it is cached (repeatable): ingest, reference, "
+                            "synthesizer:closed_set, shards, sweep, report, …; what depends on it reruns only "
+                            "if its outputs changed")
     sd = sub.add_parser("sample-data", help="write a built-in dataset (manifest.csv + images/) to a folder")
     sd.add_argument("out_dir", type=Path)
     sd.add_argument("--dataset", choices=["sample", "digits"], default="sample",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--shots", type=int, default=25, help="digits only: train images of the commonest digit")
     sd.add_argument("--imbalance", type=float, default=10.0, help="digits only: commonest/rarest train count")
     cfg_p = sub.add_parser("config", help="print the run config's JSON schema or a complete example")
-    cfg_p.add_argument("what", choices=["schema", "example"])
+    cfg_p.add_argument("what", choices=["schema", "example", "kinds", "stages"])
     st_p = sub.add_parser("store", help="check a store after killed or failed runs")
     st_p.add_argument("action", choices=["check"])
     st_p.add_argument("url", help="the run's storage.url (folder or s3://bucket/prefix)")
@@ -172,7 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("porcelain").setLevel(logging.INFO)
     try:
         if args.command == "config":
-            print(json.dumps(json_schema(), indent=2) if args.what == "schema" else example_yaml(), end="")
+            if args.what == "kinds":
+                from porcelain import synthesizers
+
+                print("\n".join(synthesizers.kinds()))
+            elif args.what == "stages":
+                from porcelain.versions import all_stage_names, get_stage
+
+                print("\n".join(f"{n}\tversion {get_stage(n).version}" for n in all_stage_names()))
+            else:
+                print(json.dumps(json_schema(), indent=2) if args.what == "schema" else example_yaml(), end="")
             return 0
         if args.command == "sample-data":
             if args.dataset == "digits":
@@ -188,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "store":
             return check_store(args.url, args.endpoint_url, clean=args.clean, older_than_s=args.older_than)
         cfg = load_config(args.config) if args.command == "run" else demo_config(url=args.storage)
+        if args.refresh:
+            from porcelain.versions import all_stage_names
+
+            unknown = sorted(set(args.refresh) - set(all_stage_names()))
+            if unknown:
+                raise ConfigError(f"--refresh {unknown[0]}: not a stage; stages: {', '.join(all_stage_names())}")
+            cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"refresh": list(args.refresh)})})
         _print_result(run_config(cfg))
         return 0
     except PorcelainError as e:

@@ -16,8 +16,10 @@ from porcelain.generate.targeting import shards_for
 from tasks import stages
 from tasks.policy import TASK_STAGES, result_storage_for, retry_options
 
+MAX_WORKERS = 64  # an upper bound; runtime.workers sets the real limit (see _submit)
 
-@flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), persist_result=False)
+
+@flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), persist_result=False)
 def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """Run the whole pipeline for one run config (a dict of :class:`~porcelain.config.RunConfig`)."""
     cfg: RunConfig = config_from_dict(config)
@@ -48,8 +50,8 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
 
     ref_size = cfg.reference.image_size or cfg.classifier.image_size
     sizes = sorted({cfg.classifier.image_size, ref_size, *(n for s in cfg.synthesizers for n in s.image_sizes())})
-    packs = [pack_shard.submit(data["data_hash"], i, data["n_shards"], s, st)
-             for s in sizes for i in range(data["n_shards"])]
+    packs = _submit(pack_shard, [(data["data_hash"], i, data["n_shards"], s, st)
+                                 for s in sizes for i in range(data["n_shards"])], rt.workers)
     wait(packs)
     for p in packs:
         p.result()
@@ -63,7 +65,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
             continue
         models[syn.label] = prepare.with_options(
             refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, st, rt)
-        futures = [generate.submit(models[syn.label], spec, syn, st, rt) for spec in specs]
+        futures = _submit(generate, [(models[syn.label], spec, syn, st, rt) for spec in specs], rt.workers)
         wait(futures)
         shards[syn.label] = []
         for spec, fut in zip(specs, futures):
@@ -77,15 +79,15 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     for label, done in shards.items():
         faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
 
-    runs = []
+    calls = []
     base = cfg.sweep.baseline
     arms = [(None, base)] + [(syn.label, r) for syn in cfg.synthesizers for r in cfg.sweep.ratios if r != base]
     for label, ratio in arms:
         alloc = plan["ratios"][ratio]["alloc"]
         synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards.get(label, []))} if label else {}
         arm = ratio if label is None else f"{label} {ratio}"
-        runs += [train_evaluate.submit(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt)
-                 for seed in cfg.sweep.seeds]
+        calls += [(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt) for seed in cfg.sweep.seeds]
+    runs = _submit(train_evaluate, calls, rt.workers)
     wait(runs)
     results = [r.result() for r in runs]
 
@@ -96,6 +98,20 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     written = report(summary, st)
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
+
+
+def _submit(task: Any, calls: list[tuple], workers: int) -> list[Any]:
+    """Submit ``task`` once per argument tuple with at most ``workers`` runs in flight (oldest first).
+
+    The limit is applied here, in the flow, rather than by the flow's task runner, so that it holds
+    however the flow is started (CLI, a served deployment that loads it from its entrypoint, tests).
+    """
+    futures: list[Any] = []
+    for args in calls:
+        if len(futures) >= workers:
+            futures[len(futures) - workers].wait()
+        futures.append(task.submit(*args))
+    return futures
 
 
 def _task(name: str, runtime: Any, retry: dict[str, Any], results_at: Any) -> Any:

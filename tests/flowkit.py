@@ -51,16 +51,10 @@ STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "
 
 
 def run_flow(cfg_dict, expect_success: bool = True):
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.pipeline import pipeline
-    from tasks.policy import result_storage_for
+    from flows.cli import configured_flow
 
     cfg = config_from_dict(cfg_dict)
-    # As the CLI does: runtime.workers tasks at once.
-    state = pipeline.with_options(result_storage=result_storage_for(cfg.storage),
-                                  task_runner=ThreadPoolTaskRunner(max_workers=cfg.runtime.workers))(
-        cfg.model_dump(mode="json"), return_state=True)
+    state = configured_flow(cfg)(cfg.model_dump(mode="json"), return_state=True)  # as the CLI does
     states = task_states(state.state_details.flow_run_id)
     if not expect_success:
         return state, states

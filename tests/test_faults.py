@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_at_once_with_stage_and_step(tiny_run, monkeypatch
     cfg = tiny_config(tiny_run[0]["storage"]["url"], generator={"train_steps": 41})
     state, states = run_flow(cfg, expect_success=False)
     assert state.is_failed()
-    assert states["prepare-synthesizer"] == ["Failed"]  # not retried: retrying cannot help
+    assert states["prepare-closed_set"] == ["Failed"]  # not retried: retrying cannot help
     msg = str(state.result(raise_on_failure=False))
     assert "closed-set generator training" in msg and "step" in msg and "learning rate" in msg
 
