@@ -241,9 +241,11 @@ class SweepConfig(_Model):
     @classmethod
     def _per_real(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("synthetic_per_real"):
-            if "ratios" in data:
+            derived = ["100:0"] + [f"1:{x:g}" for x in data["synthetic_per_real"]]
+            # a dumped config holds both (the ratios derived from synthetic_per_real): that is fine
+            if "ratios" in data and list(data["ratios"]) != derived:
                 raise ValueError("give either sweep.ratios or sweep.synthetic_per_real, not both")
-            data = {**data, "ratios": ["100:0"] + [f"1:{x:g}" for x in data["synthetic_per_real"]]}
+            data = {**data, "ratios": derived}
         return data
 
     @field_validator("ratios")

@@ -7,6 +7,13 @@ from porcelain.config import RunConfig, config_from_dict, example_yaml, json_sch
 from porcelain.errors import ConfigError
 
 
+def test_every_shipped_config_survives_the_flows_round_trip():
+    from porcelain.config import demo_config
+
+    for cfg in (demo_config(), load_config("porcelain/configs/digits.yaml")):
+        assert config_from_dict(cfg.model_dump(mode="json")) == cfg
+
+
 def test_example_round_trips(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text(example_yaml())
@@ -82,6 +89,8 @@ def test_synthetic_per_real_becomes_ratios():
     assert cfg.sweep.synthetic_fractions()[-1] == pytest.approx(0.8)
     with pytest.raises(ConfigError, match="either sweep.ratios or sweep.synthetic_per_real"):
         config_from_dict({"sweep": {"ratios": ["100:0"], "synthetic_per_real": [1]}})
+    # the flow re-reads the config it was given as a dump: every config must survive that round trip
+    assert config_from_dict(cfg.model_dump(mode="json")) == cfg
 
 
 def test_step_budget_is_the_same_for_every_ratio_and_floored_when_given_in_epochs():

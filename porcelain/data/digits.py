@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from porcelain.data.records import SPLITS
 from porcelain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 TASKS: tuple[str, ...] = ("digit", "loops", "parity")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 LOOPS: dict[int, str] = {0: "one", 1: "none", 2: "none", 3: "none", 4: "one", 5: "none", 6: "one",
                          7: "none", 8: "two", 9: "one"}
 """Closed loops per digit (4 drawn closed, 2 open: see the module docstring)."""

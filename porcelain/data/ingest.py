@@ -21,13 +21,12 @@ from safetensors.numpy import save as st_save
 from porcelain.data.images import MAX_PIXELS, decode_image, to_array
 from porcelain.data.neardup import NEAR_DUPLICATE_BITS
 from porcelain.data.quarantine import write_quarantine_csv
-from porcelain.data.records import ValidatedDataset
+from porcelain.data.records import SPLITS, ValidatedDataset
 from porcelain.data.validation import validate
 from porcelain.errors import DataError
 from porcelain.hashing import canonical_safetensors
 from porcelain.storage import Store
 
-SPLITS = ("train", "val", "test")
 
 
 def default_root(manifest: str) -> str:

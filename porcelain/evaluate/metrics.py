@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from porcelain.generate.plan import imbalance_ratio
+
 
 def minority_classes(counts: Sequence[int]) -> list[int]:
     """Classes whose training count is at most the median training count of the task (never empty).
@@ -34,14 +36,6 @@ def minority_classes(counts: Sequence[int]) -> list[int]:
     chosen = [int(k) for k in np.flatnonzero(c <= np.median(c))]
     return chosen or [int(np.argmin(c))]
 
-
-def imbalance_ratio(counts: Sequence[int]) -> float:
-    """max/min of the class counts, over classes with a count > 0 (1.0 for a single such class)."""
-    c = np.asarray(counts, dtype=np.float64)
-    c = c[c > 0]
-    if c.size == 0:
-        raise ValueError("imbalance ratio is undefined: no class has a count > 0")
-    return float(c.max() / c.min())
 
 
 def _task_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int, train_counts: Sequence[int]) -> dict[str, Any]:
@@ -67,7 +61,7 @@ def _task_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int, train_co
         "support": [int(s) for s in support],
         "absent_classes": [int(k) for k in np.flatnonzero(~present)],
         "train_counts": [int(c) for c in train_counts],
-        "imbalance_ratio": imbalance_ratio(train_counts) if any(c > 0 for c in train_counts) else float("nan"),
+        "imbalance_ratio": imbalance_ratio(train_counts),
     }
 
 

@@ -119,7 +119,8 @@ def plan_shards(allocations: Sequence[dict[Combo, int]], shard_size: int, base_s
 
 
 def imbalance_ratio(counts: Sequence[int]) -> float:
-    """Most common class count over least common (classes with zero count are left out)."""
+    """Most common class count over least common, over classes with a count > 0 (1.0 for a single such
+    class); NaN when no class has one. The one definition (metrics and the plan both use it)."""
     nz = [c for c in counts if c > 0]
     return float(max(nz) / min(nz)) if nz else float("nan")
 
