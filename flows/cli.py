@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--shots", type=int, default=25, help="digits only: train images of the commonest digit")
     sd.add_argument("--imbalance", type=float, default=10.0, help="digits only: commonest/rarest train count")
+    tiny = sub.add_parser("tiny-sd", help="write a tiny random Stable Diffusion pipeline (diffusers format) to a "
+                          "folder: a `base` for trying the sd_lora kind offline (its images are noise-like)")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
     cfg_p = sub.add_parser("config", help="print the run config's JSON schema or a complete example")
     cfg_p.add_argument("what", choices=["schema", "example", "kinds", "stages"])
     st_p = sub.add_parser("store", help="check a store after killed or failed runs")
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             from porcelain.data.sample import write_sample
 
             print(write_sample(args.out_dir, n=args.n, size=args.size, seed=args.seed))
+            return 0
+        if args.command == "tiny-sd":
+            from porcelain.diffusion.tiny import build_tiny_pipeline
+
+            print(build_tiny_pipeline(args.out_dir, seed=args.seed))
             return 0
         if args.command == "store":
             return check_store(args.url, args.endpoint_url, clean=args.clean, older_than_s=args.older_than)

@@ -188,3 +188,24 @@ def test_closed_set_and_sd_lora_side_by_side_through_sweep_and_report(first_run,
     assert "sd 80:20" in header
     assert "## Synthesizer `sd` (kind `sd_lora`)" in md and "LoRA scale 0.4" in md
     assert set(result["faithfulness"]) == {"closed_set", "sd"}
+
+
+def test_a_stage_version_invalidates_that_stage_and_what_depends_on_it_only(first_run, body_calls, monkeypatch):
+    """A new report version reruns the report alone; a new sweep version reruns the sweep runs and the
+    report, and leaves the data, the reference, the generator and every shard cached."""
+    import dataclasses
+
+    from porcelain import versions
+
+    cfg, _, _ = first_run
+    monkeypatch.setitem(versions.STAGES, "report", dataclasses.replace(versions.STAGES["report"], version="test-2"))
+    _run(cfg)
+    assert body_calls == ["build_report"]
+    body_calls.clear()
+    monkeypatch.setitem(versions.STAGES, "sweep", dataclasses.replace(versions.STAGES["sweep"], version="test-2"))
+    _, states = _run(cfg)
+    n_runs = len(cfg["sweep"]["ratios"]) * len(cfg["sweep"]["seeds"])
+    assert sorted(set(body_calls)) == ["build_report", "train_and_evaluate"]
+    assert body_calls.count("train_and_evaluate") == n_runs
+    assert states["prepare-closed_set"] == ["Cached"] and states["reference-classifier"] == ["Cached"]
+    assert all(s == ["Cached"] for n, s in states.items() if n.startswith("generate-"))

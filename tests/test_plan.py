@@ -46,17 +46,23 @@ def test_imbalance_shrinks_with_targeted_images():
     assert imbalance_ratio([5, 0, 1]) == 5.0
 
 
-def test_shards_reuse_boundaries_when_a_larger_ratio_is_added():
+def test_shards_are_full_and_every_shard_of_a_smaller_ratio_is_reused_by_a_larger_one():
     small = allocate(COUNTS, 30)
     large = allocate(COUNTS, 90)
-    only_small = {s.key() for s in plan_shards([small], 8, base_seed=1)}
+    only_small = plan_shards([small], 8, base_seed=1)
     both = plan_shards([small, large], 8, base_seed=1)
-    # every full shard of the small plan is also in the plan that covers both ratios
-    full_small = {s.key() for s in plan_shards([small], 8, base_seed=1) if s.count == 8}
-    assert full_small <= {s.key() for s in both}
-    assert only_small  # non-empty
-    spec = both[0]
-    assert ShardSpec.from_dict(spec.to_dict()) == spec
+    # every shard holds exactly shard_size images from a multiple of shard_size on: its key does not
+    # depend on how many images a ratio asks for
+    assert only_small and all(s.count == 8 and s.start % 8 == 0 for s in both)
+    assert {s.key() for s in only_small} < {s.key() for s in both}
+    # each combination is covered (at most shard_size - 1 images more than the largest need)
+    for c, n in large.items():
+        have = sum(s.count for s in both if s.combo == c)
+        assert n <= have < n + 8 if n else have == 0
+    # seeds are per (combination, start): distinct, and the same in both plans
+    assert len({s.seed for s in both}) == len(both)
+    spec = ShardSpec(combo=(1, 0), start=8, count=8, seed=3, sources=("a", "b"))
+    assert ShardSpec.from_dict(spec.to_dict()) == spec and spec.key() != ShardSpec((1, 0), 8, 8, 3).key()
 
 
 def test_shards_for_selects_only_what_a_ratio_reads():
@@ -65,5 +71,8 @@ def test_shards_for_selects_only_what_a_ratio_reads():
     shards = [{**s.to_dict(), "key": s.key(), "n": s.count} for s in plan_shards([small, large], 8, 1)]
     chosen = shards_for(encode_alloc(small), shards)
     assert sum(min(s["n"], small[tuple(s["combo"])] - s["start"]) for s in chosen) == 30
+    # and every image the ratio reads is in a chosen shard, none beyond
+    for c, n in small.items():
+        assert sum(s["n"] for s in chosen if tuple(s["combo"]) == c) >= n
     assert all(s["start"] < small[tuple(s["combo"])] for s in chosen)
     assert len(chosen) < len(shards)
