@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from porcelain.config import RunConfig, config_from_dict
 from porcelain.data.source import BUILTIN
 from porcelain.generate.targeting import shards_for
+from porcelain.synthesizers import get as get_synthesizer
 from tasks import stages
 from tasks.policy import TASK_STAGES, result_storage_for, retry_options
 
@@ -63,8 +64,10 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         specs = plan["shards"][syn.label]
         if not specs:
             continue
+        needs = get_synthesizer(syn.kind).needs  # e.g. saliency from the reference classifier
+        context = {k: {"reference": ref}[k] for k in sorted(needs)} or None
         models[syn.label] = prepare.with_options(
-            refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, st, rt)
+            refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, context, st, rt)
         futures = _submit(generate, [(models[syn.label], spec, syn, st, rt) for spec in specs], rt.workers)
         wait(futures)
         shards[syn.label] = []

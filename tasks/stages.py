@@ -66,8 +66,9 @@ def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, stora
 
 
 @task(name="prepare-synthesizer", task_run_name="prepare-{cfg.label}", **TASK_DEFAULTS)
-def prepare(data: dict[str, Any], cfg: SynthesizerConfig, storage: StorageConfig, runtime: RuntimeConfig) -> ModelRef:
-    return prepare_synthesizer(_store(storage), data, cfg, runtime)
+def prepare(data: dict[str, Any], cfg: SynthesizerConfig, context: dict[str, Any] | None, storage: StorageConfig,
+            runtime: RuntimeConfig) -> ModelRef:
+    return prepare_synthesizer(_store(storage), data, cfg, runtime, context)
 
 
 @task(name="plan-generation", task_run_name="plan-generation", **TASK_DEFAULTS)

@@ -152,6 +152,13 @@ def pack_data_shard(store: Store, data_hash: str, shard_index: int, n_shards: in
     return {"key": key}
 
 
+def split_ids(store: Store, data_hash: str, split: str) -> list[str]:
+    """The sha256 of every image of one split, in the order :func:`load_split` returns them: the ids
+    by which image-conditioned synthesizers name their source images."""
+    meta = store.read_json(f"{dataset_key(data_hash)}/dataset.json")
+    return [r["sha256"] for r in meta["records"] if r["split"] == split]
+
+
 def load_split(store: Store, data_hash: str, size: int, n_shards: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All images and labels of one split, from the packed shards."""
     imgs, labs = [], []

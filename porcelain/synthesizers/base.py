@@ -79,9 +79,13 @@ class Synthesizer(ABC):
     config: ClassVar[type[SynthesizerConfig]]
     version: ClassVar[str]
     image_conditioned: ClassVar[bool] = False
+    #: results of other stages the kind's prepare needs, passed as ``context`` (e.g. {"reference"}: the
+    #: stored reference classifier's card, for saliency); only these enter its prepare task's key
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
-    def prepare(self, store: Any, data: dict[str, Any], cfg: SynthesizerConfig, runtime: Any) -> ModelRef:
+    def prepare(self, store: Any, data: dict[str, Any], cfg: SynthesizerConfig, runtime: Any,
+                context: dict[str, Any] | None = None) -> ModelRef:
         ...
 
     def plan(self, store: Any, data: dict[str, Any], cfg: SynthesizerConfig, need: dict[Combo, int],

@@ -59,7 +59,8 @@ class ClosedSet(Synthesizer):
     version: ClassVar[str] = "1"
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "numpy")
 
-    def prepare(self, store: Store, data: dict[str, Any], cfg: ClosedSetConfig, runtime: RuntimeConfig) -> ModelRef:
+    def prepare(self, store: Store, data: dict[str, Any], cfg: ClosedSetConfig, runtime: RuntimeConfig,
+                context: dict[str, Any] | None = None) -> ModelRef:
         """Train on the real train split (or reuse the stored model of the same identity)."""
         apply_runtime(runtime)
         identity = {"data": data["data_hash"], **cfg.prepare_identity(), "code": stage_identity(f"synthesizer:{self.kind}"),

@@ -71,7 +71,8 @@ class SdLora(Synthesizer):
     version: ClassVar[str] = "1"
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "peft", "transformers", "numpy")
 
-    def prepare(self, store: Store, data: dict[str, Any], cfg: SdLoraConfig, runtime: RuntimeConfig) -> ModelRef:
+    def prepare(self, store: Store, data: dict[str, Any], cfg: SdLoraConfig, runtime: RuntimeConfig,
+                context: dict[str, Any] | None = None) -> ModelRef:
         """LoRA (and class tokens) trained on the real train split; resumed from its last checkpoint."""
         from porcelain.diffusion.api import train_sd_lora
 
