@@ -1,0 +1,314 @@
+"""Quality filters and evidence blocks: faithfulness, memorisation, CLIP, texture, chain and top-up,
+FID/KID, the equivalence scale and the adaptive loss weight. Offline, CPU, one thread, tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from porcelain.errors import WeightsError
+from porcelain.evaluate.adaptive import synthetic_loss_weight, synthetic_loss_weights
+from porcelain.evaluate.clip import (
+    TINY_CLIP_CFG,
+    build_tiny_clip,
+    clip_scores,
+    image_text_similarity_matrix,
+    load_clip,
+    save_clip,
+)
+from porcelain.evaluate.equivalence import equivalence_scale
+from porcelain.evaluate.fid import (
+    ClassifierFeatures,
+    distribution_distances,
+    extract_features,
+    fid_from_features,
+    kid_from_features,
+    real_floor,
+)
+from porcelain.filter.chain import FilterResult, run_chain, top_up_plan
+from porcelain.filter.clip_score import clip_score_filter
+from porcelain.filter.faithfulness import faithfulness_filter
+from porcelain.filter.memorisation import memorisation_filter
+from porcelain.filter.texture import glcm_features, texture_table
+from porcelain.models.classifier import MultiTaskClassifier
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------ faithfulness
+
+
+def test_faithfulness_drops_the_wrong_class_per_task_thresholds():
+    probs = {"dynasty": np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.55, 0.45]]),
+             "kiln": np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]])}
+    intended = {"dynasty": np.array([0, 0, 0, 0]), "kiln": np.array([1, 1, 2, 1])}
+    r = faithfulness_filter(probs, intended, {"dynasty": 0.5, "kiln": 0.5})
+    assert r.keep.tolist() == [True, False, False, True]
+    assert r.reasons[1].startswith("kiln: p(1)=0.20 < 0.50, predicted 0 (0.70)")
+    assert "dynasty" in r.reasons[2] and "kiln" not in r.reasons[2]
+    assert r.reasons[0] == "" and r.reasons[3] == ""
+    # A stricter dynasty threshold drops the ambiguous image; a task left out is not checked.
+    assert faithfulness_filter(probs, intended, {"dynasty": 0.6}).keep.tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="intended values"):
+        faithfulness_filter(probs, {"dynasty": np.array([0, 0, 2, 0]), "kiln": intended["kiln"]}, 0.5)
+
+
+# ------------------------------------------------------------------------------------------ memorisation
+
+
+def test_exact_copy_is_flagged_a_different_image_is_not():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    other = rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    generated = np.concatenate([train[7:8], other])
+    feats = lambda x: x.reshape(len(x), -1)[:, ::7].astype(np.float32) / 255  # a stand-in feature space
+    r = memorisation_filter(generated, train, test, feats(generated), feats(train), feats(test), q=1.0)
+    assert r.flagged.tolist() == [True, False]
+    assert r.pixel_distance[0] == 0.0 and r.pixel_nearest[0] == 7 and r.feature_distance[0] == 0.0
+    assert r.pixel_distance[1] > r.pixel_threshold > 0
+    verdict = r.as_filter()
+    assert verdict.keep.tolist() == [False, True] and "train #7" in verdict.reasons[0]
+    # Pixels only: same verdict; a slightly perturbed copy is still closer than any real test image.
+    nudged = np.clip(train[7:8].astype(int) + 2, 0, 255).astype(np.uint8)
+    r2 = memorisation_filter(np.concatenate([nudged, other]), train, test)
+    assert r2.flagged.tolist() == [True, False] and r2.feature_distance is None
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def _colour_images(rng: np.random.Generator, per: int) -> tuple[np.ndarray, list[str]]:
+    imgs, words = [], []
+    for word, rgb in COLOURS.items():
+        base = np.array(rgb, np.float64)[None, None, None, :]
+        x = base + rng.normal(0, 20, (per, 32, 32, 3))
+        imgs.append(np.clip(x, 0, 255).astype(np.uint8))
+        words += [f"a {word} square"] * per
+    return np.concatenate(imgs), words
+
+
+def _train_tiny_clip(model, preprocess, tokenizer, steps: int = 40) -> None:
+    rng = np.random.default_rng(1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    labels = torch.arange(len(COLOURS))
+    for _ in range(steps):
+        imgs, words = _colour_images(rng, 1)
+        img = torch.nn.functional.normalize(model.encode_image(preprocess(imgs)), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer(words)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        loss = (torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_tiny_clip_trained_scores_matching_pairs_higher_and_round_trips_through_safetensors(tmp_path):
+    import open_clip
+
+    model, preprocess, tokenizer = build_tiny_clip(seed=0)
+    _train_tiny_clip(model, preprocess, tokenizer)
+    imgs, words = _colour_images(np.random.default_rng(2), 3)
+    texts = [f"a {w} square" for w in COLOURS]
+    sim = image_text_similarity_matrix(model, preprocess, tokenizer, imgs, texts)
+    truth = np.repeat(np.arange(len(COLOURS)), 3)
+    assert (sim.argmax(1) == truth).all()
+    match = clip_scores(model, preprocess, tokenizer, imgs, words)
+    mismatch = clip_scores(model, preprocess, tokenizer, imgs, [texts[(t + 1) % 4] for t in truth])
+    assert (match > mismatch).all()
+    np.testing.assert_allclose(match, sim[np.arange(len(imgs)), truth], atol=1e-5)
+
+    # Saved as safetensors, loaded back through open_clip's loader: as a local-dir folder ...
+    folder = save_clip(model, TINY_CLIP_CFG, tmp_path / "tiny")
+    m2, p2, t2 = load_clip(f"local-dir:{folder}")
+    np.testing.assert_allclose(clip_scores(m2, p2, t2, imgs, words), match, atol=1e-5)
+    # ... and as a registered architecture name with a weights file (load_clip's other path).
+    (tmp_path / "porcelain-test-tiny-clip.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(tmp_path / "porcelain-test-tiny-clip.json")
+    m3, p3, t3 = load_clip("porcelain-test-tiny-clip", folder / "open_clip_model.safetensors")
+    np.testing.assert_allclose(clip_scores(m3, p3, t3, imgs, words), match, atol=1e-5)
+
+    # Pickles are refused; a missing file says what to download.
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(WeightsError, match="pickled"):
+        load_clip("porcelain-test-tiny-clip", tmp_path / "tiny.pt")
+    with pytest.raises(WeightsError, match="download"):
+        load_clip("ViT-B-32", tmp_path / "absent.safetensors")
+    with pytest.raises(WeightsError, match="download"):
+        load_clip("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+    # The CLIP-score filter on these scores: absolute and relative (per class) thresholds.
+    verdict, thr = clip_score_filter(np.concatenate([match, mismatch]), float(np.min(match)))
+    assert verdict.keep[:len(match)].all() and thr == {None: float(np.min(match))}
+    verdict, thr = clip_score_filter(mismatch, real_scores=match, percentile=0.0,
+                                     groups=list(truth), real_groups=list(truth))
+    assert not verdict.keep.any() and set(thr) == set(range(4))
+    assert verdict.reasons[0].startswith("CLIP score")
+
+
+# ------------------------------------------------------------------------------------------ texture
+
+
+def test_glcm_contrast_checkerboard_above_flat_and_texture_table():
+    checker = (np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)
+    images = np.stack([np.repeat(checker[..., None], 3, -1), np.full((16, 16, 3), 120, np.uint8)])
+    f = glcm_features(images)
+    assert f["contrast"][0] > f["contrast"][1] == 0.0
+    assert f["contrast"][0] == pytest.approx(24.5)  # 49 at 0° and 90°, 0 on the diagonals
+    assert f["homogeneity"][1] == 1.0 and f["homogeneity"][0] == pytest.approx(0.51)
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    smooth = np.clip(120 + rng.normal(0, 8, (12, 16, 16, 3)), 0, 255).astype(np.uint8)
+    syn, real = glcm_features(smooth), glcm_features(noisy)
+    rows = texture_table(syn, ["a"] * 12, real, ["a"] * 12)
+    by_stat = {r["statistic"]: r for r in rows}
+    assert by_stat["contrast"]["ks"] == 1.0 and by_stat["contrast"]["ks_p"] < 1e-4
+    assert by_stat["contrast"]["synthetic_mean"] < by_stat["contrast"]["real_mean"]
+
+
+# ------------------------------------------------------------------------------------------ chain, top-up
+
+
+def test_chain_runs_on_survivors_and_counts_pass_rates():
+    combos = [("a", 0), ("a", 0), ("a", 1), ("b", 1), ("b", 1), ("b", 0)]
+    seen: list[list[int]] = []
+
+    def first(idx: np.ndarray) -> FilterResult:
+        seen.append(idx.tolist())
+        keep = idx % 2 == 0  # drops images 1, 3, 5
+        return FilterResult(keep, tuple("" if k else "odd" for k in keep))
+
+    def second(idx: np.ndarray) -> FilterResult:
+        seen.append(idx.tolist())
+        keep = idx != 4
+        return FilterResult(keep, tuple("" if k else "four" for k in keep))
+
+    r = run_chain([("parity", first), ("not4", second)], combos, {"kind": [c[0] for c in combos]})
+    assert seen == [[0, 1, 2, 3, 4, 5], [0, 2, 4]]
+    assert r.keep.tolist() == [True, False, True, False, False, False]
+    assert r.failed_at.tolist() == [-1, 0, -1, 0, 1, 0]
+    assert r.reasons[1] == "parity: odd" and r.reasons[4] == "not4: four"
+    assert (r.overall["parity"].reached, r.overall["parity"].passed) == (6, 3)
+    assert r.overall["not4"].rate == pytest.approx(2 / 3)
+    assert r.per_combo["not4"][("b", 1)].rate == 0.0 and r.per_combo["not4"][("a", 0)].rate == 1.0
+    assert math.isnan(r.per_combo["not4"][("b", 0)].rate)  # none reached it
+    assert r.per_class["parity"]["kind"]["b"].passed == 1
+    assert r.kept_per_combo(combos) == {("a", 0): 1, ("a", 1): 1, ("b", 1): 0, ("b", 0): 0}
+
+
+def test_top_up_meets_the_planned_count():
+    planned = {"a": 20, "b": 12, "c": 5}
+    accept = {"a": 0.5, "b": 0.25, "c": 1.0}  # the filter keeps every 2nd / 4th / every image
+    attempts = {k: planned[k] for k in planned}
+    kept = {k: int(attempts[k] * accept[k]) for k in planned}
+    for _ in range(5):
+        plan = top_up_plan(kept, planned, attempts, max_attempts=1000)
+        for k, p in plan.items():
+            attempts[k] += p.more
+            kept[k] = int(attempts[k] * accept[k])
+    assert all(kept[k] >= planned[k] for k in planned)
+    assert attempts == {"a": 40, "b": 48, "c": 5}  # exactly what the yields require
+    final = top_up_plan(kept, planned, attempts, 1000)
+    assert all(p.more == 0 for p in final.values()) and final["b"].attempts_per_kept == 4.0
+    # Nothing kept yet: double; the cap bounds the total and says so.
+    capped = top_up_plan({"x": 0, "y": 2}, {"x": 10, "y": 10}, {"x": 10, "y": 10}, {"x": 100, "y": 30})
+    assert capped["x"].more == 10 and not capped["x"].capped
+    assert capped["y"].more == 20 and capped["y"].capped and capped["y"].expected_kept == 6
+
+
+# ------------------------------------------------------------------------------------------ FID / KID
+
+
+def _extractor() -> ClassifierFeatures:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone = timm.create_model("porcelain_small_cnn", pretrained=False, num_classes=0,
+                                     widths=(8, 16, 32, 64), depth=1)
+        return ClassifierFeatures(MultiTaskClassifier(backbone, {"kind": 2}))
+
+
+def _waves(rng: np.random.Generator, n: int) -> np.ndarray:
+    yy, xx = np.mgrid[:32, :32]
+    out = np.empty((n, 32, 32, 3))
+    for i in range(n):
+        wave = 0.5 + 0.5 * np.sin(xx / rng.uniform(2, 6) + yy / rng.uniform(2, 6))
+        out[i] = rng.uniform(40, 255, 3) * wave[..., None]
+    return out.astype(np.uint8)
+
+
+def test_fid_and_kid_zero_on_self_and_growing_with_noise():
+    rng = np.random.default_rng(0)
+    ex = _extractor()
+    images = _waves(rng, 120)
+    real = extract_features(ex, images)
+    assert real.shape == (120, 64)
+    fids, kids = [fid_from_features(real, real)], [kid_from_features(real, real, subsets=20)[0]]
+    for sigma in (10, 30, 80):
+        noisy = np.clip(images + rng.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
+        f = extract_features(ex, noisy)
+        fids.append(fid_from_features(real, f))
+        kids.append(kid_from_features(real, f, subsets=20)[0])
+    assert abs(fids[0]) < 1e-6 and abs(kids[0]) < 1e-3
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert all(a < b for a, b in zip(kids, kids[1:])), kids
+    assert fids[1] > 1e-3 and kids[-1] > 10 * abs(kids[0])
+
+    # Per task value, the extractor's name beside every number; KID's subset adapts to 5 images.
+    labels = {"kind": ["x"] * 115 + ["y"] * 5}
+    noisy = np.clip(images + rng.normal(0, 30, images.shape), 0, 255).astype(np.uint8)
+    out = distribution_distances(ex, images, labels, noisy, labels, subsets=10)
+    assert out["extractor"] == ex.name == "porcelain_small_cnn pooled features (64-d)"
+    y = out["per_value"]["kind"]["y"]
+    assert y.kid_subset_size == 5 and y.n_real == 5 and y.extractor == ex.name and math.isfinite(y.kid_mean)
+    assert out["overall"].fid == pytest.approx(fid_from_features(real, extract_features(ex, noisy)))
+    floor = real_floor(ex, images[:60], {"kind": ["x"] * 60}, images[60:], {"kind": ["x"] * 60}, subsets=10)
+    assert 0 < floor["overall"].fid < out["overall"].fid
+    lone = distribution_distances(ex, images[:1], {"kind": ["x"]}, noisy[:3], {"kind": ["x"] * 3})
+    assert lone["overall"].as_dict()["fid"] is None  # fewer than 2 real images: not a number
+
+
+# ------------------------------------------------------------------------------------------ equivalence, adaptive
+
+
+def test_equivalence_recovers_a_known_exchange_rate():
+    real_curve = lambda n: 0.9 - 2.0 * np.power(n, -0.5)
+    k, n_base = 4.0, 100  # 4 synthetic images are worth one real image
+    rng = np.random.default_rng(0)
+    real = {n: list(real_curve(n) + rng.normal(0, 0.002, 3)) for n in (25, 50, 100, 200, 400, 800)}
+    syn = {m: list(real_curve(n_base + m / k) + rng.normal(0, 0.002, 3)) for m in (0, 100, 200, 400, 800, 1600)}
+    r = equivalence_scale(real, syn, n_base, n_boot=100)
+    assert r["synthetic_per_real"] == pytest.approx(k, rel=0.10)
+    assert r["marginal_synthetic_per_real"] == pytest.approx(k, rel=0.10)
+    lo, hi = r["interval"]["synthetic_per_real"]
+    assert lo <= r["synthetic_per_real"] <= hi and r["n_boot_failed"] == 0
+    # Noise-free, the fit is exact.
+    exact = equivalence_scale({n: [float(real_curve(n))] for n in real},
+                              {m: [float(real_curve(n_base + m / k))] for m in syn}, n_base, n_boot=5)
+    assert exact["synthetic_per_real"] == pytest.approx(k, rel=0.01)
+    # Synthetic images that do nothing are worth (next to) no real image; ones that hurt, none at any rate.
+    flat = equivalence_scale(real, {m: [float(real_curve(n_base))] * 3 for m in syn}, n_base, n_boot=5)
+    assert flat["synthetic_per_real"] > 100 * k
+    hurt = equivalence_scale(real, {m: [float(real_curve(n_base)) - 1e-5 * m] * 3 for m in syn}, n_base, n_boot=5)
+    assert hurt["synthetic_per_real"] == math.inf and hurt["real_equivalent"] < 0
+
+
+def test_adaptive_weight_zero_when_val_delta_interval_below_zero():
+    weights = synthetic_loss_weights({"hurts": (-0.04, -0.07, -0.01), "strong": (0.05, 0.02, 0.08),
+                                      "helps": (0.01, 0.002, 0.02), "maybe": (0.01, -0.01, 0.03),
+                                      "maybe_not": (-0.01, -0.03, 0.01), "unknown": (math.nan, math.nan, math.nan)})
+    assert {t: w for t, (w, _) in weights.items()} == {"hurts": 0.0, "strong": 2.0, "helps": 1.0, "maybe": 1.0,
+                                                       "maybe_not": 0.5, "unknown": 1.0}
+    assert "hurts" in weights["hurts"][1]
+    with pytest.raises(ValueError, match="reversed"):
+        synthetic_loss_weight(0.0, 0.1, -0.1)
