@@ -150,6 +150,8 @@ def test_img2img_is_batch_independent_and_moves_further_with_strength(tiny_gener
     c = img2img(tiny_generator, imgs, labels, strength=0.5, steps=4, seed=4, batch_size=5, device="cpu")
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert np.abs(a.astype(int) - c.astype(int)).max() > 1
+    tail = img2img(tiny_generator, imgs[2:], labels[2:], strength=0.5, steps=4, seed=3, first_index=2, device="cpu")
+    assert np.abs(a[2:].astype(int) - tail.astype(int)).max() <= 1  # a run split into calls
     dist = [pixel_distance(img2img(tiny_generator, imgs, labels, strength=s, steps=4, seed=3, device="cpu"),
                            imgs).mean() for s in (0.25, 0.5, 1.0)]
     assert 0 < dist[0] < dist[1] < dist[2]

@@ -10,13 +10,14 @@ the given labels — the sampler of :func:`porcelain.generate.sampling.sample_im
 * ``S = 0`` runs no step: the sources are returned unchanged (an exact uint8 copy).
 * ``S = 1`` starts from pure noise, discarding the source: the result equals ``sample_images`` with
   the same ``seed``, ``steps`` and ``guidance`` (``add_noise`` at ``T-1`` would keep a trace of the
-  source, ``sqrt(alpha_bar) ≈ 1e-2`` on the cosine schedule; the limit is defined as the sampler's).
+  source, ``sqrt(alpha_bar) ≈ 5e-5`` on the cosine schedule; the limit is defined as the sampler's).
 * ``0 < S < 1`` with ``floor(S · steps) = 0`` is an error (no step would run: raise ``steps``).
 
-Image ``i``'s noise is :func:`~porcelain.generate.sampling.image_noise` of ``(seed, i)`` — the same
-noise ``sample_images`` starts image ``i`` from — and DDIM with ``eta = 0`` adds none, so the
-result is deterministic in ``(model, images, labels, strength, steps, guidance, seed)`` and does not
-depend on ``batch_size`` (up to float rounding of batched convolutions, at most 1 grey level).
+Image ``i``'s noise is :func:`~porcelain.generate.sampling.image_noise` of
+``(seed, first_index + i)`` — with ``first_index = 0`` the noise ``sample_images`` starts image
+``i`` from — and DDIM with ``eta = 0`` adds none, so the result is deterministic in
+``(model, images, labels, strength, steps, guidance, seed, first_index)`` and does not depend on
+``batch_size`` (up to float rounding of batched convolutions, at most 1 grey level).
 
 :func:`guidance_from_similarity` maps a CLIP similarity to a guidance scale for SIP (arXiv 2302.02070).
 """
@@ -69,12 +70,15 @@ def img2img(
     batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE,
     device: str = "auto",
     dtype: str = "auto",
+    first_index: int = 0,
     progress: ProgressFn = null_progress,
 ) -> np.ndarray:
     """SDEdit each image (uint8 ``N×H×W×3`` at the generator's resolution) towards its labels row.
 
     ``labels``: int ``N×T`` (value ``n_t`` leaves task ``t`` free, as in ``sample_images``).
-    Returns uint8 ``N×H×W×3``. See the module docstring for the strength convention and limits.
+    ``first_index``: image ``i`` of this call draws the noise of image ``first_index + i`` of the
+    run ``seed``, so a run split into calls (shards, or one call per image) gives the images of one
+    call. Returns uint8 ``N×H×W×3``. See the module docstring for the strength convention and limits.
     """
     spec = model.spec
     res, ch = spec.resolution, spec.in_channels
@@ -87,6 +91,8 @@ def img2img(
     if len(y_all) != n:
         raise ValueError(f"{len(y_all)} label rows for {n} images")
     k = denoising_steps(float(strength), steps)
+    if first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {first_index}")
     if n == 0 or strength == 0:
         return images_uint8.copy()
     if k == 0:
@@ -107,7 +113,7 @@ def img2img(
 
     def chunk(start: int, stop: int) -> np.ndarray:
         nonlocal produced
-        noise = image_noise(seed, range(start, stop), shape).to(dev)
+        noise = image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev)
         if k == steps:  # S = 1: pure noise, as sample_images
             x = noise * scheduler.init_noise_sigma
         else:
