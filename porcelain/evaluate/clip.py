@@ -153,6 +153,10 @@ def load_clip(
                                f"checkpoint (found: {found}); convert pickles with "
                                f"`python -m porcelain.models.weights convert IN.bin OUT.safetensors`")
         _refuse_pickled(weights[0])
+        text_cfg = json.loads((folder / CONFIG_NAME).read_text()).get("model_cfg", {}).get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+            raise WeightsError(f"{folder}: its text tower or tokenizer comes from Hugging Face and would be "
+                               f"downloaded; use a model with open_clip's own text tower and bundled BPE tokenizer")
         model = open_clip.create_model(model_name, device=device, pretrained_text=False, require_pretrained=True)
         tokenizer = open_clip.get_tokenizer(model_name)
     else:
@@ -165,12 +169,12 @@ def load_clip(
         if not path.is_file():
             raise WeightsError(f"CLIP weights not found at {path.resolve()}: {_download_hint(model_name)}")
         _refuse_pickled(path)
+        text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg") or {}
+        if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+            raise WeightsError(f"{model_name}: its text tower or tokenizer comes from Hugging Face and would be "
+                               f"downloaded; use a model with open_clip's bundled BPE tokenizer (e.g. ViT-B-32)")
         model = open_clip.create_model(model_name, pretrained=str(path), device=device, pretrained_text=False,
                                        pretrained_image=False, require_pretrained=True)
-        cfg = open_clip.get_model_config(model_name) or {}
-        if (cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
-            raise WeightsError(f"{model_name} uses a Hugging Face tokenizer, which would be downloaded; "
-                               f"use a model with open_clip's bundled BPE tokenizer (e.g. ViT-B-32)")
         tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     return model, ClipPreprocess.from_model(model), tokenizer

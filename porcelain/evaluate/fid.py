@@ -44,7 +44,8 @@ class ClassifierFeatures(nn.Module):
     """Pooled backbone features of a :class:`MultiTaskClassifier`: uint8 N×3×H×W → float32 N×D.
 
     Images are scaled to [0, 1], resized (bilinear, antialiased) to ``image_size`` when given and
-    different, and normalised with the classifier's mean/std, as it saw them in training.
+    different, and normalised with the classifier's mean/std, as it saw them in training. The
+    classifier is put in eval mode (BatchNorm running statistics, no dropout).
     """
 
     def __init__(self, classifier: MultiTaskClassifier, image_size: int | None = None, name: str | None = None):

@@ -21,8 +21,10 @@ import numpy as np
 from porcelain.filter.chain import FilterResult
 
 
-def nearest_train(queries: np.ndarray, pool: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """``(distance, index)`` of each query row's nearest pool row (Euclidean, float64 distances)."""
+def nearest_train(queries: np.ndarray, pool: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(distance, index)`` of each query row's nearest pool row (Euclidean, float64 distances).
+
+    Memory: one ``chunk × len(pool)`` float32 block at a time (256 × 100k ≈ 100 MB)."""
     q = queries.reshape(len(queries), -1).astype(np.float32)
     p = pool.reshape(len(pool), -1).astype(np.float32)
     if not len(p):
