@@ -166,8 +166,9 @@ class GenerationConfig(_Model):
     written the old way (before ``synthesizers:``); they still work when ``synthesizers:`` is absent."""
 
     shard_size: Annotated[int, Field(ge=1, le=10_000)] = Field(
-        64, description="Images per shard. Every shard holds this many (the last one of a combination too), so "
-        "that growing a ratio reuses every finished shard.")
+        64, description="Images per shard (the last shard of a combination holds the rest). Shards start at "
+        "multiples of it and every image has its own seed, so a larger ratio reuses finished shards and extends "
+        "a partial one by the missing images only.")
     seed: int = 1234
     grid_per_combination: Annotated[int, Field(ge=1, le=16)] = 4
     steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description="Old place of sampling.steps.")

@@ -44,9 +44,9 @@ STAGES: dict[str, Stage] = {
     "builtin-data": Stage("1", ("porcelain.data.source",), ("numpy", "pillow", "scikit-learn")),
     "ingest": Stage("1", ("porcelain.data.ingest",), ("numpy", "pillow")),
     "pack": Stage("1", ("porcelain.data.ingest",), ("numpy", "pillow")),
-    "plan": Stage("1", ("porcelain.generate.targeting",)),
+    "plan": Stage("2", ("porcelain.generate.targeting",)),  # 2: one seed per combination
     "reference": Stage("1", ("porcelain.evaluate.reference",), ML_LIBS),
-    "shards": Stage("1", ("porcelain.generate.shards",), ("numpy", "pillow")),
+    "shards": Stage("2", ("porcelain.generate.shards",), ("numpy", "pillow")),  # 2: shards grow in place
     "faithfulness": Stage("1", ("porcelain.evaluate.judging",), ML_LIBS),
     "sweep": Stage("1", ("porcelain.train.sweep",), ML_LIBS),
     "report": Stage("1", ("porcelain.report.build",), ("numpy", "matplotlib")),

@@ -35,6 +35,10 @@ class Solid(Synthesizer):
     def generate(self, store: Any, ref: ModelRef, spec: Any, cfg: SolidConfig, runtime: Any) -> Generated:
         rgb = np.array([(37 * (i + 1) * (v + 1)) % 256 for i, v in enumerate((list(spec.combo) + [0, 0, 0])[:3])],
                        dtype=np.uint8)
-        img = np.broadcast_to(rgb, (cfg.size, cfg.size, 3)).copy()
-        return Generated(images=[img] * spec.count,
-                         provenance=[{"colour": rgb.tolist(), "index": spec.start + i} for i in range(spec.count)])
+        images = []
+        for i in range(spec.start, spec.start + spec.count):  # image i depends on (seed, i) only
+            img = np.broadcast_to(rgb, (cfg.size, cfg.size, 3)).copy()
+            img[0, 0] = (spec.seed + i) % 256
+            images.append(img)
+        return Generated(images=images,
+                         provenance=[{"colour": rgb.tolist(), "index": i} for i in range(spec.start, spec.start + spec.count)])

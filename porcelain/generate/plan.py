@@ -2,10 +2,11 @@
 
 Rare combinations gain most: synthetic images are poured into the rarest combinations first
 ("water filling"), raising the floor of the combination histogram until the budget is spent. The
-allocation for a larger budget contains the allocation for a smaller one, and every shard holds
-exactly ``shard_size`` images from a multiple of ``shard_size`` on (the last one of a combination
-too), so a shard's key never depends on a ratio: growing a ratio reuses every finished shard and
-only adds new ones.
+allocation for a larger budget contains the allocation for a smaller one. Shards start at multiples
+of ``shard_size``; every image has its own seed, derived from its combination and its index within
+it, and a shard's key holds its combination, start and seed but not its count. Growing a ratio
+therefore reuses every finished shard whole and *extends* the last partial shard of a combination
+by just the images it lacks (identical to the ones a fresh run would make), instead of regenerating it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 Combo = tuple[int, ...]
 
@@ -71,8 +72,9 @@ def allocate(counts: dict[Combo, int], total: int) -> dict[Combo, int]:
 class ShardSpec:
     """One unit of generation work: ``count`` images of one combination, from image ``start`` on.
 
-    ``sources`` are the ids of the real train images an image-conditioned kind starts from (one per
-    image, or empty for kinds that start from noise).
+    ``seed`` is the combination's: image ``start + i`` is made from ``(seed, start + i)``, so any
+    sub-range can be made on its own. ``sources`` are the ids of the real train images an
+    image-conditioned kind starts from (one per image, or empty for kinds that start from noise).
     """
 
     combo: Combo
@@ -82,10 +84,14 @@ class ShardSpec:
     sources: tuple[str, ...] = ()
 
     def key(self) -> str:
-        d = asdict(self)
-        if not self.sources:
-            d.pop("sources")
+        """Where the shard lives: combination, start and seed — not the count (a shard grows in place
+        when a larger ratio needs more of it) nor the sources (a function of the same three)."""
+        d = {"combo": list(self.combo), "start": self.start, "seed": self.seed}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
+
+    def tail(self, have: int) -> ShardSpec:
+        """The part of this shard after its first ``have`` images."""
+        return replace(self, start=self.start + have, count=self.count - have, sources=self.sources[have:])
 
     def to_dict(self) -> dict:
         d = {"combo": list(self.combo), "start": self.start, "count": self.count, "seed": self.seed}
@@ -99,14 +105,14 @@ class ShardSpec:
                    seed=int(d["seed"]), sources=tuple(d.get("sources", ())))
 
 
-def shard_seed(base_seed: int, combo: Combo, start: int) -> int:
-    h = hashlib.sha256(f"{base_seed}|{','.join(map(str, combo))}|{start}".encode()).digest()
+def combination_seed(base_seed: int, combo: Combo) -> int:
+    """The seed of a combination's images (each image adds its index within the combination)."""
+    h = hashlib.sha256(f"{base_seed}|{','.join(map(str, combo))}".encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def plan_shards(allocations: Sequence[dict[Combo, int]], shard_size: int, base_seed: int) -> list[ShardSpec]:
-    """Full shards that cover the largest allocation of every combination (boundaries at multiples of
-    shard_size; the last shard may hold more images than any ratio reads)."""
+    """Shards that cover the largest allocation of every combination, from multiples of shard_size on."""
     need: dict[Combo, int] = {}
     for alloc in allocations:
         for c, n in alloc.items():
@@ -114,7 +120,8 @@ def plan_shards(allocations: Sequence[dict[Combo, int]], shard_size: int, base_s
     shards = []
     for c in sorted(need):
         for start in range(0, need[c], shard_size):
-            shards.append(ShardSpec(combo=c, start=start, count=shard_size, seed=shard_seed(base_seed, c, start)))
+            shards.append(ShardSpec(combo=c, start=start, count=min(shard_size, need[c] - start),
+                                    seed=combination_seed(base_seed, c)))
     return shards
 
 

@@ -139,10 +139,14 @@ def sample_images(
     device: str = "auto",
     dtype: str = "auto",
     progress: ProgressFn = null_progress,
+    first_index: int = 0,
 ) -> np.ndarray:
     """Generate one image per row of ``labels`` (int64 ``N×T``; value ``n_t`` = task ``t`` left free).
 
-    Returns uint8 ``N×H×W×3``. On CUDA out-of-memory the batch size is halved and retried.
+    Row ``i`` is image number ``first_index + i`` of the run seeded ``seed``: its noise depends on that
+    number only, so images ``[k, n)`` made later equal those of one call for ``[0, n)`` (a shard can
+    grow without changing what it already holds). Returns uint8 ``N×H×W×3``. On CUDA out-of-memory
+    the batch size is halved and retried.
     """
     spec = model.spec
     y_all = labels_to_tensor(labels, spec.num_classes, allow_null=True)
@@ -163,7 +167,7 @@ def sample_images(
 
     def chunk(start: int, stop: int) -> np.ndarray:
         nonlocal produced
-        x = image_noise(seed, range(start, stop), shape).to(dev) * scheduler.init_noise_sigma
+        x = image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev) * scheduler.init_noise_sigma
         out = to_uint8(_denoise(model, x, y_all[start:stop].to(dev), scheduler, float(guidance), dev, dt))
         produced += stop - start
         progress(produced, n, {"batch_size": stop - start})

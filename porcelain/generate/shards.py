@@ -2,7 +2,9 @@
 
 A shard's images go to content-addressed objects first; the shard manifest is written last and is
 the shard's commit marker: a shard exists once its manifest does, so a killed run leaves at most
-unreferenced objects and never a half shard. A rerun skips every shard whose manifest exists.
+unreferenced objects and never a half shard. A rerun skips every shard whose manifest holds the
+images asked for; a shard asked for more (a larger ratio) is extended by the missing images only,
+which equal those a fresh run would make (every image has its own seed).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def shard_key(ref: ModelRef, spec: ShardSpec, cfg: SynthesizerConfig, runtime: R
     """``synthetic/<model and sampling identity>/shards/<spec>.json``: from content, never from paths.
 
     The prefix holds the prepared model's content key, the kind's sampling settings, the kind's and
-    the writer's stage versions and the numeric runtime; the name holds the shard spec (combination,
-    start, count, seed, source images).
+    the writer's stage versions and the numeric runtime; the name holds the shard's combination,
+    start and seed (not its count: a shard grows in place).
     """
     sub = stable_hash({"model": key_of(ref), "settings": cfg.identity(), "runtime": runtime_identity(runtime),
                        "kind": stage_identity(f"synthesizer:{cfg.kind}"), "writer": stage_identity("shards")}, 20)
@@ -46,13 +48,17 @@ def generate_shard(store: Store, ref: ModelRef | dict[str, Any], spec: dict[str,
     shard = spec if isinstance(spec, ShardSpec) else ShardSpec.from_dict(spec)
     key = shard_key(ref, shard, cfg, runtime)
     with store.lock(key):
-        if not store.exists(key) or "shards" in runtime.refresh:
-            _write(store, ref, shard, key, cfg, runtime)
+        have: list[dict[str, Any]] = []
+        if store.exists(key) and "shards" not in runtime.refresh:
+            have = store.read_json(key)["images"]
+        if len(have) < shard.count:  # new, or grown by a larger ratio: make only the missing tail
+            _write(store, ref, shard, key, cfg, runtime, have)
     return ShardRef(key=key, n=shard.count, combo=list(shard.combo), start=shard.start, synthesizer=cfg.label)
 
 
-def _write(store: Store, ref: ModelRef, shard: ShardSpec, key: str, cfg: SynthesizerConfig,
-           runtime: RuntimeConfig) -> None:
+def _write(store: Store, ref: ModelRef, full: ShardSpec, key: str, cfg: SynthesizerConfig,
+           runtime: RuntimeConfig, have: list[dict[str, Any]]) -> None:
+    shard = full.tail(len(have))
     out = get(cfg.kind).generate(store, ref, shard, cfg, runtime)
     if len(out.images) != shard.count:
         raise RuntimeError(f"synthesizer {cfg.kind} made {len(out.images)} images for a shard of {shard.count}")
@@ -62,12 +68,12 @@ def _write(store: Store, ref: ModelRef, shard: ShardSpec, key: str, cfg: Synthes
     classes, tasks = ref.meta.get("classes"), ref.meta.get("tasks")
     named = {t: classes[t][v] for t, v in zip(tasks, shard.combo)} if classes and tasks else {}
     per_image = out.provenance or [{} for _ in objects]
-    store.write_json(key, {
-        "images": [{"key": k, "index": shard.start + i, **({"provenance": p} if p else {})}
-                   for i, (k, p) in enumerate(zip(objects, per_image))],
+    store.write_json(key, {  # the manifest, last: the shard holds these images once it is written
+        "images": have + [{"key": k, "index": shard.start + i, **({"provenance": p} if p else {})}
+                          for i, (k, p) in enumerate(zip(objects, per_image))],
         "provenance": {
-            "synthesizer": cfg.kind, "settings": cfg.identity(), "combination": named, "combo": list(shard.combo),
-            "seed": shard.seed, "start": shard.start, "count": shard.count, "sources": list(shard.sources),
+            "synthesizer": cfg.kind, "settings": cfg.identity(), "combination": named, "combo": list(full.combo),
+            "seed": full.seed, "start": full.start, "count": full.count, "sources": list(full.sources),
             "model": key_of(ref), **out.shard, "runtime": runtime_identity(runtime), "code_version": code_version(),
         },
     })

@@ -13,6 +13,8 @@ knows only this protocol:
 ``generate(store, ref, spec, cfg, runtime) -> Generated``
     The pixels of one shard and one provenance record per image. Pure: the generic shard writer
     (:mod:`porcelain.generate.shards`) stores the images, the manifest, the keys and the locks.
+    Image ``spec.start + i`` must depend only on ``(spec.seed, spec.start + i)`` (and the model and
+    settings), never on ``spec.count`` or the batch: the writer grows a shard by asking for its tail.
 
 Nothing else in the flow, the tasks, the shard writer or the report branches on the kind.
 """

@@ -56,7 +56,7 @@ _MODELS: dict[str, ConditionalUNet] = {}  # by weights sha256: the shards of one
 class ClosedSet(Synthesizer):
     kind: ClassVar[str] = "closed_set"
     config: ClassVar[type[SynthesizerConfig]] = ClosedSetConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: image i of a combination from (its seed, i)
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "numpy")
 
     def prepare(self, store: Store, data: dict[str, Any], cfg: ClosedSetConfig, runtime: RuntimeConfig,
@@ -119,7 +119,8 @@ class ClosedSet(Synthesizer):
         labels = np.tile(np.asarray(spec.combo, dtype=np.int64), (spec.count, 1))
         s = cfg.sampling
         images = sample_images(model, labels, steps=s.steps, guidance=s.guidance, seed=spec.seed,
-                               batch_size=s.batch_size, device=runtime.device, dtype=runtime.dtype)
+                               first_index=spec.start, batch_size=s.batch_size, device=runtime.device,
+                               dtype=runtime.dtype)
         return Generated(images=list(images), shard={
             "model_sha256": ref.files["weights"].sha256, "generator": key_of(ref),
             "steps": s.steps, "guidance": s.guidance})

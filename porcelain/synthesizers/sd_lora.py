@@ -53,9 +53,9 @@ class SdLoraConfig(SynthesizerConfig, SdLoraSettings):
         return [self.resolution]
 
 
-def image_seed(shard_seed: int, index: int) -> int:
+def image_seed(combination_seed: int, index: int) -> int:
     """The seed of image ``index`` of a combination: independent of batch size and of shard spread."""
-    h = hashlib.sha256(f"{shard_seed}|{index}".encode()).digest()
+    h = hashlib.sha256(f"{combination_seed}|{index}".encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
@@ -68,7 +68,7 @@ def _named(data_or_meta: dict[str, Any], combo: Any) -> dict[str, str]:
 class SdLora(Synthesizer):
     kind: ClassVar[str] = "sd_lora"
     config: ClassVar[type[SynthesizerConfig]] = SdLoraConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: image i of a combination from (its seed, i)
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "peft", "transformers", "numpy")
 
     def prepare(self, store: Store, data: dict[str, Any], cfg: SdLoraConfig, runtime: RuntimeConfig,
