@@ -196,3 +196,22 @@ def test_a_classifier_that_learned_gets_a_verdict_with_a_detectable_difference(r
     assert "| +0.000 [+0.000, +0.000] |" in digit and digit.endswith("| no clear difference |")
     assert not any("not compared" in r for r in rows)
     assert "## Training budget" in md and "| 100:0 | 0 |" in md
+
+
+def test_a_reloaded_reference_predicts_in_the_datasets_task_order_not_the_cards_key_order(real):
+    """card.json is written with sorted keys; predictions must still follow the dataset's task order
+    (the sample's dynasty, kiln, glaze, type is not alphabetical: kiln and glaze were swapped)."""
+    import porcelain.evaluate.reference as reference
+    from porcelain.train.classifier import predict
+
+    store, data, card = real
+    x, y = load_split(store, data["data_hash"], SIZE, data["n_shards"], "test")
+    order = ["parity", "digit", "loops"]  # a non-alphabetical task order
+    reference._LOADED.clear()
+    model = load_reference(store, {**card, "tasks": order})
+    reference._LOADED.clear()
+    assert list(model.task_names) == order
+    pred = predict(model, x)
+    for i, task in enumerate(order):
+        acc = float((pred[i] == y[:, data["tasks"].index(task)]).mean())
+        assert acc == pytest.approx(card["test"][task]["accuracy"]), task

@@ -134,7 +134,8 @@ def load_reference(store: Store, card: dict[str, Any]) -> MultiTaskClassifier:
     sha = card["weights_sha256"]
     if sha not in _LOADED:
         state, _ = load_weights(store.read_verified(card["weights"], sha))
-        model = create_classifier(card["architecture"], num_classes=card["num_classes"])
+        # the card's JSON has its keys sorted: the task order (which predict() follows) is card["tasks"]
+        model = create_classifier(card["architecture"], num_classes={t: card["num_classes"][t] for t in card["tasks"]})
         model.load_state_dict(state)
         _LOADED.clear()
         _LOADED[sha] = model.eval()
