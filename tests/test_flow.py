@@ -209,3 +209,38 @@ def test_a_stage_version_invalidates_that_stage_and_what_depends_on_it_only(firs
     assert body_calls.count("train_and_evaluate") == n_runs
     assert states["prepare-closed_set"] == ["Cached"] and states["reference-classifier"] == ["Cached"]
     assert all(s == ["Cached"] for n, s in states.items() if n.startswith("generate-"))
+
+
+def test_sgd_mix_starts_from_real_train_images_of_the_combination_and_reuses_its_saliency(first_run, body_calls):
+    """The image-conditioned kind beside closed_set: its refiner is closed_set's cached generator, its
+    sources are train images of the combination each image is labelled with, and a second run is cached."""
+    cfg, _, _ = first_run
+    both = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0]})
+    gen = both.pop("generator")
+    sampling = {k: both["generation"].pop(k) for k in ("steps", "batch_size")}
+    both["synthesizers"] = [{"kind": "closed_set", "generator": gen, "sampling": sampling},
+                            {"kind": "sgd_mix", "generator": gen, "sampling": sampling, "strength": 0.5,
+                             "candidates": 5}]
+    result, states = _run(both)
+    assert states["prepare-sgd_mix"] == ["Completed"]
+    assert body_calls.count("prepare_synthesizer") == 1  # the refiner came from closed_set's stored generator
+    store = Store(cfg["storage"]["url"])
+    docs = [store.read_json(k) for k in store.list("synthetic") if k.endswith(".json")]
+    mixes = [d for d in docs if d["provenance"]["synthesizer"] == "sgd_mix"]
+    assert mixes
+    meta = store.read_json(next(k for k in store.list("datasets") if k.endswith("dataset.json")))
+    by_sha = {r["sha256"]: r for r in meta["records"]}
+    for d in mixes:
+        combo = d["provenance"]["combination"]
+        for im in d["images"]:
+            p = im["provenance"]
+            src, tgt = by_sha[p["source"]], by_sha[p["target"]]
+            assert src["split"] == "train" and tgt["split"] == "train" and p["source"] != p["target"]
+            assert src["labels"] == combo  # the label of a mixed image is its source's
+            assert 0.0 < p["mask_area"] <= 1.0 and p["strength"] == 0.5
+    assert len(store.list("saliency")) == 1
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## Synthesizer `sgd_mix` (kind `sgd_mix`)" in md and "sgd_mix 80:20" in md
+    body_calls.clear()
+    _, again = _run(both)
+    assert body_calls == [] and set(s for v in again.values() for s in v) == {"Cached"}

@@ -18,6 +18,7 @@ __all__ = ["Generated", "Synthesizer", "SynthesizerConfig", "builtin_kinds", "ge
 _BUILTIN = {
     "closed_set": "porcelain.synthesizers.closed_set",
     "sd_lora": "porcelain.synthesizers.sd_lora",
+    "sgd_mix": "porcelain.synthesizers.sgd_mix",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 
