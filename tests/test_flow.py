@@ -244,3 +244,35 @@ def test_sgd_mix_starts_from_real_train_images_of_the_combination_and_reuses_its
     body_calls.clear()
     _, again = _run(both)
     assert body_calls == [] and set(s for v in again.values() for s in v) == {"Cached"}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_and_blip(tmp_path_factory):
+    from porcelain.augment.captions import build_tiny_blip
+    from porcelain.evaluate.clip import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("vl")
+    build_tiny_clip(root / "clip", seed=0)
+    return f"local-dir:{root / 'clip'}", str(build_tiny_blip(root / "blip", seed=0, image_size=32))
+
+
+def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_run, tiny_clip_and_blip):
+    cfg, _, _ = first_run
+    clip, blip = tiny_clip_and_blip
+    run = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0]})
+    gen = run.pop("generator")
+    sampling = {k: run["generation"].pop(k) for k in ("steps", "batch_size")}
+    run["synthesizers"] = [{"kind": "sip", "generator": gen, "sampling": sampling, "strength": 0.6, "clip": clip,
+                            "captioner": blip, "n_beam": 1, "n_sample": 2, "w_min": 0.25, "w_max": 1.5}]
+    result, states = _run(run)
+    assert states["prepare-sip"] == ["Completed"]
+    store = Store(cfg["storage"]["url"])
+    docs = [store.read_json(k) for k in store.list("synthetic") if k.endswith(".json")]
+    edits = [im["provenance"] for d in docs if d["provenance"]["synthesizer"] == "sip" for im in d["images"]]
+    assert edits
+    for p in edits:
+        assert p["caption"] and p["prompt"].endswith(p["caption"]) and p["prompt"] != p["caption"]
+        assert 0.25 <= p["guidance"] <= 1.5 and p["strength"] == 0.6
+    assert len({p["guidance"] for p in edits}) > 1  # guidance follows each source's similarity
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## Synthesizer `sip` (kind `sip`)" in md and "label-conditioned SDEdit" in md

@@ -19,6 +19,7 @@ _BUILTIN = {
     "closed_set": "porcelain.synthesizers.closed_set",
     "sd_lora": "porcelain.synthesizers.sd_lora",
     "sgd_mix": "porcelain.synthesizers.sgd_mix",
+    "sip": "porcelain.synthesizers.sip",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 

@@ -27,7 +27,7 @@ from porcelain.augment.mixing import choose_targets, mix
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split, split_ids
 from porcelain.generate.img2img import img2img
-from porcelain.generate.plan import Combo, ShardSpec, plan_shards
+from porcelain.generate.plan import Combo, ShardSpec
 from porcelain.hashing import canonical_safetensors, stable_hash
 from porcelain.results import FileRef, ModelRef
 from porcelain.runtime import apply_runtime
@@ -35,6 +35,7 @@ from porcelain.storage import Store
 from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
 from porcelain.synthesizers.closed_set import ClosedSetConfig
+from porcelain.synthesizers.sources import plan_with_sources
 
 
 class SgdMixConfig(SynthesizerConfig):
@@ -143,20 +144,7 @@ class SgdMix(Synthesizer):
 
     def plan(self, store: Store, data: dict[str, Any], cfg: SgdMixConfig, need: dict[Combo, int], shard_size: int,
              seed: int) -> list[ShardSpec]:
-        """As every kind, plus one source train image per synthetic image: image j of combination c
-        starts from the j-th image of a seeded cycle over c's train images."""
-        ids = split_ids(store, data["data_hash"], "train")
-        _, labels = load_split(store, data["data_hash"], cfg.generator.resolution, data["n_shards"], "train")
-        by_combo: dict[Combo, list[str]] = {}
-        for sid, row in zip(ids, map(tuple, labels.tolist())):
-            by_combo.setdefault(row, []).append(sid)
-        out = []
-        for s in plan_shards([need], shard_size, seed):
-            pool = by_combo[tuple(s.combo)]
-            order = np.random.default_rng(s.seed).permutation(len(pool))
-            sources = tuple(pool[order[(s.start + i) % len(pool)]] for i in range(s.count))
-            out.append(ShardSpec(combo=s.combo, start=s.start, count=s.count, seed=s.seed, sources=sources))
-        return out
+        return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
 
     def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SgdMixConfig,
                  runtime: RuntimeConfig) -> Generated:

@@ -1,0 +1,206 @@
+"""Kind ``sip``: captions chosen by CLIP, label + caption prompts, img2img with a CLIP-derived guidance
+scale (SIP, arXiv 2302.02070).
+
+For every real train image: BLIP captions (beam search and nucleus sampling), the caption CLIP finds
+most similar to the image, the prompt ``label phrase + caption`` (the phrase from the prompt
+vocabulary, repeated ``label_weight`` times), and the CLIP similarity of the image to its label
+phrase. Each synthetic image is an img2img (SDEdit) of a train image of its combination at
+``strength``, with guidance ``guidance_from_similarity(similarity)``: strong for images CLIP finds
+atypical of their class, weak for typical ones (the paper gives no formula; see
+:func:`porcelain.generate.img2img.guidance_from_similarity`). ``guidance: fixed`` uses
+``sampling.guidance`` instead, for the comparison.
+
+On the closed-set generator (CPU), which has no text encoder, SIP reduces to label-conditioned
+SDEdit with the similarity-derived guidance: the captions and prompts are chosen and recorded in
+provenance but cannot steer the image. Without ``clip``, the guidance is fixed; without
+``captioner``, no captions are made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
+from porcelain.data.ingest import load_split
+from porcelain.generate.img2img import guidance_from_similarity, img2img
+from porcelain.generate.plan import Combo, ShardSpec
+from porcelain.hashing import stable_hash
+from porcelain.results import FileRef, ModelRef
+from porcelain.runtime import apply_runtime
+from porcelain.storage import Store
+from porcelain.synthesizers import get, register
+from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
+from porcelain.synthesizers.closed_set import ClosedSetConfig
+from porcelain.synthesizers.sources import plan_with_sources, source_rows
+
+
+class SipConfig(SynthesizerConfig):
+    """``{kind: sip, strength: 0.5, clip: local-dir:/models/clip, captioner: /models/blip, guidance: clip}``."""
+
+    kind: Literal["sip"] = "sip"
+    strength: float = Field(0.5, ge=0.0, le=1.0, description="img2img strength (noise rate) of the edit.")
+    clip: str | None = Field(None, description="open_clip weights: 'local-dir:/folder' (open_clip_config.json + "
+                             "one .safetensors). Needed for CLIP caption choice and similarity guidance.")
+    captioner: str | None = Field(None, description="BLIP folder or HF cache id (offline), e.g. "
+                                  "Salesforce/blip-image-captioning-base; none: no captions.")
+    n_beam: int = Field(3, ge=0, le=16, description="Captions per image by beam search (safer).")
+    n_sample: int = Field(2, ge=0, le=16, description="Captions per image by nucleus sampling (more varied).")
+    vocabulary: str = Field("sample", description="Prompt vocabulary of the label phrase (as sd_lora's prompts).")
+    label_weight: int = Field(2, ge=1, le=8, description="Times the label phrase is repeated in the prompt.")
+    guidance: Literal["clip", "fixed"] = Field("clip", description=(
+        "clip: guidance from each source's CLIP similarity to its label phrase; fixed: sampling.guidance."))
+    w_min: float = Field(0.25, ge=0, le=20)
+    w_max: float = Field(1.5, ge=0, le=20)
+    sim_lo: float | None = Field(None, description="Similarity at or below which guidance is w_max "
+                                 "(default: the 10th percentile of the train images' similarities).")
+    sim_hi: float | None = Field(None, description="Similarity at or above which guidance is w_min "
+                                 "(default: the 90th percentile).")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="The closed-set model edited with.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    def refiner(self) -> ClosedSetConfig:
+        return ClosedSetConfig(generator=self.generator, sampling=self.sampling)
+
+    def prepare_identity(self) -> dict[str, Any]:
+        from porcelain.diffusion.prompts import load_vocabulary, vocabulary_hash
+
+        return {"kind": self.kind, "refiner": self.refiner().prepare_identity(), "clip": _path_identity(self.clip),
+                "captioner": _path_identity(self.captioner), "n_beam": self.n_beam, "n_sample": self.n_sample,
+                "vocabulary": vocabulary_hash(load_vocabulary(self.vocabulary)), "label_weight": self.label_weight}
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.prepare_identity(), **self.model_dump(mode="json", include={
+            "strength", "guidance", "w_min", "w_max", "sim_lo", "sim_hi"}),
+            "sampling": self.sampling.model_dump(mode="json", exclude={"batch_size"})}
+
+    def image_sizes(self) -> list[int]:
+        return [self.generator.resolution]
+
+
+def _path_identity(path: str | None) -> Any:
+    """A weights folder by the sha256 of its safetensors files, not by where it is."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path.removeprefix("local-dir:")).expanduser()
+    files = sorted(p.rglob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return {"name": path}  # a hub id: resolved from the local cache by the loader
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return {"safetensors_sha256": h.hexdigest()}
+
+
+def describe_train_images(store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig) -> FileRef:
+    """Per train image: captions, the CLIP-chosen caption, the prompt and the CLIP similarity to the
+    label phrase; stored once per (data, CLIP, captioner, settings)."""
+    from porcelain.data.ingest import split_ids
+    from porcelain.diffusion.prompts import load_vocabulary, prompt_for
+
+    key = f"captions/{stable_hash({'data': data['data_hash'], **cfg.prepare_identity()}, 24)}.json"
+    with store.lock(key):
+        if not store.exists(key):
+            images, labels = load_split(store, data["data_hash"], cfg.generator.resolution, data["n_shards"], "train")
+            ids = split_ids(store, data["data_hash"], "train")
+            vocab = load_vocabulary(cfg.vocabulary)
+            phrases = [prompt_for({t: data["classes"][t][v] for t, v in zip(data["tasks"], row)}, vocab)
+                       for row in labels.tolist()]
+            captions: list[list[str]] = [[] for _ in ids]
+            if cfg.captioner and cfg.n_beam + cfg.n_sample:
+                from porcelain.augment.captions import caption_images, load_captioner
+
+                captioner = load_captioner(cfg.captioner, device=runtime.device)
+                captions = caption_images(captioner, images, n_beam=cfg.n_beam, n_sample=cfg.n_sample)
+            chosen, sims = ["" for _ in ids], [float("nan") for _ in ids]
+            if cfg.clip:
+                from porcelain.augment.captions import choose_caption
+                from porcelain.evaluate.clip import clip_scores, image_text_similarity_matrix, load_clip
+
+                model, pre, tok = load_clip(cfg.clip)
+                sims = [float(s) for s in clip_scores(model, pre, tok, images, phrases)]
+                for i, caps in enumerate(captions):
+                    if caps:
+                        chosen[i], _ = choose_caption(images[i], caps, lambda im, cs: image_text_similarity_matrix(
+                            model, pre, tok, im[None], list(cs))[0])
+            elif captions:
+                chosen = [c[0] if c else "" for c in captions]
+            from porcelain.augment.captions import sip_prompt
+
+            rows = {sid: {"phrase": ph, "captions": caps, "caption": ch, "similarity": sim,
+                          "prompt": sip_prompt(ph, ch, label_weight=cfg.label_weight) if ch else ph}
+                    for sid, ph, caps, ch, sim in zip(ids, phrases, captions, chosen, sims)}
+            store.write_json(key, rows)
+    blob = store.read_bytes(key)
+    return FileRef(key=key, sha256=hashlib.sha256(blob).hexdigest())
+
+
+@register
+class Sip(Synthesizer):
+    kind: ClassVar[str] = "sip"
+    config: ClassVar[type[SynthesizerConfig]] = SipConfig
+    version: ClassVar[str] = "1"
+    image_conditioned: ClassVar[bool] = True
+    libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "open_clip_torch", "numpy")
+
+    def prepare(self, store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig,
+                context: dict[str, Any] | None = None) -> ModelRef:
+        apply_runtime(runtime)
+        refiner = get("closed_set").prepare(store, data, cfg.refiner(), runtime)
+        described = describe_train_images(store, data, cfg, runtime)
+        sims = np.array([r["similarity"] for r in store.read_json(described.key).values()], dtype=float)
+        finite = sims[np.isfinite(sims)]
+        lo = cfg.sim_lo if cfg.sim_lo is not None else (float(np.percentile(finite, 10)) if finite.size else None)
+        hi = cfg.sim_hi if cfg.sim_hi is not None else (float(np.percentile(finite, 90)) if finite.size else None)
+        if lo is not None and hi is not None and hi <= lo:
+            hi = lo + 1e-6
+        identity = {"refiner": refiner.identity, "captions": described.sha256}
+        return ModelRef(kind=self.kind, key=stable_hash(identity, 24), identity=identity,
+                        files={**refiner.files, "captions": described},
+                        meta={**refiner.meta, "refiner": refiner.model_dump(mode="json"), "sim_lo": lo, "sim_hi": hi,
+                              "data_hash": data["data_hash"], "n_shards": data["n_shards"]})
+
+    def plan(self, store: Store, data: dict[str, Any], cfg: SipConfig, need: dict[Combo, int], shard_size: int,
+             seed: int) -> list[ShardSpec]:
+        return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
+
+    def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SipConfig, runtime: RuntimeConfig) -> Generated:
+        h = ref.meta["data_hash"]
+        images, labels = load_split(store, h, cfg.generator.resolution, ref.meta["n_shards"], "train")
+        f = ref.files["captions"]
+        rows = json.loads(store.read_verified(f.key, f.sha256))
+        src = source_rows(store, h, spec)
+        model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
+        s = cfg.sampling
+        out, prov = [], []
+        for j, i in enumerate(src):
+            r = rows[spec.sources[j]]
+            w = s.guidance
+            if cfg.guidance == "clip" and ref.meta["sim_lo"] is not None and np.isfinite(r["similarity"]):
+                w = float(guidance_from_similarity(r["similarity"], lo=ref.meta["sim_lo"], hi=ref.meta["sim_hi"],
+                                                   w_min=cfg.w_min, w_max=cfg.w_max))
+            out.append(img2img(model, images[[i]], labels[[i]], strength=cfg.strength, steps=s.steps, guidance=w,
+                               seed=spec.seed, first_index=spec.start + j, batch_size=1, device=runtime.device,
+                               dtype=runtime.dtype)[0])
+            prov.append({"source": spec.sources[j], "prompt": r["prompt"], "caption": r["caption"],
+                         "similarity": r["similarity"], "guidance": round(w, 4), "strength": cfg.strength,
+                         "index": spec.start + j})
+        return Generated(images=out, provenance=prov, shard={"refiner_sha256": ref.files["weights"].sha256,
+                                                             "strength": cfg.strength, "steps": s.steps,
+                                                             "guidance_rule": cfg.guidance})
+
+    def describe(self, ref: ModelRef, cfg: SipConfig) -> list[str]:
+        rule = (f"from each source's CLIP similarity to its label phrase, linear from w={cfg.w_max} at "
+                f"{ref.meta['sim_lo']} down to w={cfg.w_min} at {ref.meta['sim_hi']}"
+                if cfg.guidance == "clip" and ref.meta.get("sim_lo") is not None else f"fixed at {cfg.sampling.guidance}")
+        return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with the "
+                f"closed-set generator ({cfg.generator.resolution} px); guidance {rule}",
+                "- on the closed-set generator (no text encoder) SIP is label-conditioned SDEdit: captions "
+                f"({'BLIP ' + cfg.captioner if cfg.captioner else 'none'}) and prompts are chosen by CLIP and recorded "
+                "in provenance but do not steer the image"]
