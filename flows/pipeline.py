@@ -29,10 +29,10 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     retry = retry_options(rt)  # runtime.retries governs every task
     # Task results live beside the run's data, whoever calls the flow (the store is not in the keys).
     results_at = result_storage_for(st)
-    builtin_data, ingest, pack_shard, plan_generation, prepare, generate, reference, faithfulness, \
+    builtin_data, ingest, pack_shard, plan_generation, prepare, generate, reference, faithfulness, drift, \
         train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
             "builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate", "reference",
-            "faithfulness", "train_evaluate", "report"))
+            "faithfulness", "drift", "train_evaluate", "report"))
 
     if cfg.data.manifest in BUILTIN:
         src = builtin_data(cfg.data, st)
@@ -59,7 +59,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
 
     plan = plan_generation(data, cfg.sweep, cfg.generation, cfg.synthesizers, st)
     ref = reference(data, cfg.reference, ref_size, st, rt)
-    models, shards, faith, failed = {}, {}, {}, []
+    models, shards, faith, drifts, failed = {}, {}, {}, {}, []
     for syn in cfg.synthesizers:  # one seam for every kind: prepare → generate shards → judge
         specs = plan["shards"][syn.label]
         if not specs:
@@ -68,6 +68,8 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         context = {k: {"reference": ref}[k] for k in sorted(needs)} or None
         models[syn.label] = prepare.with_options(
             refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, context, st, rt)
+        if get_synthesizer(syn.kind).image_conditioned:  # how far S moves images off their source's label
+            drifts[syn.label] = drift(data, models[syn.label], syn, ref, st, rt)
         futures = _submit(generate, [(models[syn.label], spec, syn, st, rt) for spec in specs], rt.workers)
         wait(futures)
         shards[syn.label] = []
@@ -97,7 +99,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan,
                "models": {k: v.model_dump(mode="json") for k, v in models.items()},
                "shards": {k: [s.model_dump(mode="json") for s in v] for k, v in shards.items()},
-               "reference": ref, "faithfulness": faith, "runs": results}
+               "reference": ref, "faithfulness": faith, "drift": drifts, "runs": results}
     written = report(summary, st)
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}

@@ -27,6 +27,7 @@ from porcelain.report.build import build_report
 from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
 from porcelain.synthesizers import SynthesizerConfig
+from porcelain.synthesizers.drift import measure_drift
 from porcelain.synthesizers.prepare import prepare_synthesizer
 from porcelain.train.sweep import train_and_evaluate
 from tasks.policy import TASK_DEFAULTS, content_cache_key
@@ -81,6 +82,12 @@ def plan(data: dict[str, Any], sweep: SweepConfig, generation: GenerationConfig,
 def generate(ref: ModelRef, spec: dict[str, Any], cfg: SynthesizerConfig, storage: StorageConfig,
              runtime: RuntimeConfig) -> ShardRef:
     return generate_shard(_store(storage), ref, spec, cfg, runtime)
+
+
+@task(name="semantic-drift", task_run_name="semantic-drift-{cfg.label}", **TASK_DEFAULTS)
+def drift(data: dict[str, Any], ref: ModelRef, cfg: SynthesizerConfig, reference: dict[str, Any], storage: StorageConfig,
+          runtime: RuntimeConfig) -> dict[str, Any]:
+    return measure_drift(_store(storage), data, ref, cfg, reference, runtime)
 
 
 @task(name="reference-classifier", task_run_name="reference-classifier", **TASK_DEFAULTS)

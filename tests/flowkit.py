@@ -47,7 +47,7 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
 
 
 STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "train_reference", "prepare_synthesizer",
-                   "plan_generation", "generate_shard", "measure_faithfulness", "train_and_evaluate", "build_report")
+                   "plan_generation", "generate_shard", "measure_faithfulness", "measure_drift", "train_and_evaluate", "build_report")
 
 
 def run_flow(cfg_dict, expect_success: bool = True):

@@ -220,7 +220,7 @@ def test_sgd_mix_starts_from_real_train_images_of_the_combination_and_reuses_its
     sampling = {k: both["generation"].pop(k) for k in ("steps", "batch_size")}
     both["synthesizers"] = [{"kind": "closed_set", "generator": gen, "sampling": sampling},
                             {"kind": "sgd_mix", "generator": gen, "sampling": sampling, "strength": 0.5,
-                             "candidates": 5}]
+                             "candidates": 5, "drift_images": 12}]
     result, states = _run(both)
     assert states["prepare-sgd_mix"] == ["Completed"]
     assert body_calls.count("prepare_synthesizer") == 1  # the refiner came from closed_set's stored generator
@@ -241,6 +241,14 @@ def test_sgd_mix_starts_from_real_train_images_of_the_combination_and_reuses_its
     assert len(store.list("saliency")) == 1
     md = store.read_bytes(result["report"]["report"]).decode()
     assert "## Synthesizer `sgd_mix` (kind `sgd_mix`)" in md and "sgd_mix 80:20" in md
+    # semantic drift per strength, and the audit grid, for the image-conditioned kind
+    drift = md.split("### Semantic drift by strength")[1].split("###")[0]
+    rows = [ln for ln in drift.splitlines() if ln.startswith("| 0.") or ln.startswith("| 1 ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0.3", "| 0.5", "| 0.7", "| 0.9", "| 1"]
+    dist = [float(r.rstrip(" |").rsplit("| ", 1)[1]) for r in rows]
+    assert dist[-1] > dist[0]  # more strength, further from the source
+    report_dir = result["report"]["key"]
+    assert store.read_bytes(f"{report_dir}/audit-sgd_mix.png").startswith(b"\x89PNG")
     body_calls.clear()
     _, again = _run(both)
     assert body_calls == [] and set(s for v in again.values() for s in v) == {"Cached"}
@@ -263,7 +271,8 @@ def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_ru
     gen = run.pop("generator")
     sampling = {k: run["generation"].pop(k) for k in ("steps", "batch_size")}
     run["synthesizers"] = [{"kind": "sip", "generator": gen, "sampling": sampling, "strength": 0.6, "clip": clip,
-                            "captioner": blip, "n_beam": 1, "n_sample": 2, "w_min": 0.25, "w_max": 1.5}]
+                            "captioner": blip, "n_beam": 1, "n_sample": 2, "w_min": 0.25, "w_max": 1.5,
+                            "drift_images": 8, "drift_strengths": [0.3, 1.0]}]
     result, states = _run(run)
     assert states["prepare-sip"] == ["Completed"]
     store = Store(cfg["storage"]["url"])

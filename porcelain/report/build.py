@@ -158,6 +158,9 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     figs["macro_f1.png"] = plots.metric_by_ratio(tasks, ratios, agg["stats"]["macro_f1"], "macro-F1 (test, 95% CI)")
     figs["minority_macro_f1.png"] = plots.metric_by_ratio(tasks, ratios, agg["stats"]["minority_macro_f1"],
                                                          "minority-class macro-F1 (test, 95% CI)")
+    for label, drift in (summary.get("drift") or {}).items():
+        if drift and drift.get("audit"):
+            figs[f"audit-{_slug(label)}.png"] = store.read_bytes(drift["audit"])
     for label, shards in (summary.get("shards") or {}).items():
         if shards:
             figs[f"samples-{_slug(label)}.png"] = _sample_grid(store, summary, label, cfg["generation"]["grid_per_combination"])
@@ -334,6 +337,9 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         ref = ModelRef.model_validate(model)
         L += [f"## Synthesizer `{e(label)}` (kind `{e(ref.kind)}`)", ""]
         L += get_synthesizer(ref.kind).describe(ref, syn_cfg) + [""]
+        drift = (summary.get("drift") or {}).get(label)
+        if drift:
+            L += _drift_section(drift, label, e)
         faith = faiths.get(label) or {}
         if faith.get("n_images"):
             L += _faithfulness_section(faith, tasks, e)
@@ -366,6 +372,21 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           f"{'on' if cfg['classifier']['use_sampler'] else 'off'}, weighted loss "
           f"{'on' if cfg['classifier']['class_weighted_loss'] else 'off'}", ""]
     return "\n".join(L)
+
+
+def _drift_section(drift: dict[str, Any], label: str, e) -> list[str]:
+    tasks = drift["tasks"]
+    L = ["### Semantic drift by strength", "",
+         f"On {drift['n_images']} real train images: the share whose label the reference classifier no longer sees "
+         "as the source's, per task, and the RMS pixel distance to the source (0–255). Pick the largest strength "
+         f"whose drift you accept; this run uses S = {drift['strength']}.", "",
+         "| S | " + " | ".join(f"drift `{e(t)}`" for t in tasks) + " | median distance |",
+         "|---|" + "---|" * (len(tasks) + 1)]
+    for r in drift["rows"]:
+        L.append(f"| {r['strength']:g} | " + " | ".join(f"{r['drift'][t]:.1%}" for t in tasks)
+                 + f" | {r['distance_median']:.1f} |")
+    L += ["", f"Audit grid ({', '.join(drift['audit_columns'])}): `audit-{_slug(label)}.png`", ""]
+    return L
 
 
 def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[str]:

@@ -99,6 +99,14 @@ class Synthesizer(ABC):
     def generate(self, store: Any, ref: ModelRef, spec: ShardSpec, cfg: SynthesizerConfig, runtime: Any) -> Generated:
         ...
 
+    def augment(self, store: Any, ref: ModelRef, cfg: SynthesizerConfig, src: np.ndarray, *, seed: int,
+                first_index: int, strength: float, runtime: Any) -> tuple[np.ndarray, list[dict[str, Any]],
+                                                                           dict[str, np.ndarray]]:
+        """Image-conditioned kinds: the images made from the real train images at rows ``src`` at
+        ``strength``, their provenance, and named intermediate images (source, mask, mix, …) for the
+        audit grid. Used by the semantic-drift stage (:mod:`porcelain.synthesizers.drift`)."""
+        raise NotImplementedError(f"{self.kind} does not start from real images")
+
     def describe(self, ref: ModelRef, cfg: SynthesizerConfig) -> list[str]:
         """Report lines about the prepared model (Markdown bullets)."""
         return [f"- model `{ref.key}`"]

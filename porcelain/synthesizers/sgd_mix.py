@@ -35,10 +35,11 @@ from porcelain.storage import Store
 from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
 from porcelain.synthesizers.closed_set import ClosedSetConfig
-from porcelain.synthesizers.sources import plan_with_sources
+from porcelain.synthesizers.drift import DriftSettings
+from porcelain.synthesizers.sources import plan_with_sources, source_rows
 
 
-class SgdMixConfig(SynthesizerConfig):
+class SgdMixConfig(SynthesizerConfig, DriftSettings):
     """``{kind: sgd_mix, strength: 0.5, saliency: gradcam, candidates: 30, generator: {...}, sampling: {...}}``."""
 
     kind: Literal["sgd_mix"] = "sgd_mix"
@@ -146,32 +147,39 @@ class SgdMix(Synthesizer):
              seed: int) -> list[ShardSpec]:
         return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
 
-    def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SgdMixConfig,
-                 runtime: RuntimeConfig) -> Generated:
+    def augment(self, store: Store, ref: ModelRef, cfg: SgdMixConfig, src: np.ndarray, *, seed: int, first_index: int,
+                strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Mix and refine the train images at rows ``src``: (images, provenance, intermediates for the audit grid)."""
         h, size = ref.meta["data_hash"], cfg.generator.resolution
         images, labels = load_split(store, h, size, ref.meta["n_shards"], "train")
         ids = split_ids(store, h, "train")
-        row = {sid: i for i, sid in enumerate(ids)}
         f = ref.files["saliency"]
         maps = st_load(store.read_verified(f.key, f.sha256))["maps"]
-        src = np.asarray([row[s] for s in spec.sources])
         targets = np.asarray([int(choose_targets(maps[[i]], maps, n_candidates=cfg.candidates,
-                                                 seed=_image_seed(spec.seed, spec.start + j),
+                                                 seed=_image_seed(seed, first_index + j),
                                                  source_ids=[ids[i]], pool_ids=ids)[0])
-                              for j, i in enumerate(src)])
+                              for j, i in enumerate(src)], dtype=np.int64)
         masks = np.stack([union_mask(foreground_mask(maps[i]), foreground_mask(maps[t])) for i, t in zip(src, targets)])
         mixed = mix(images[src], images[targets], masks)
-        refiner = get("closed_set")
-        model = refiner._load(store, ModelRef.model_validate(ref.meta["refiner"]))
+        model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
         s = cfg.sampling
-        out = img2img(model, mixed, labels[src], strength=cfg.strength, steps=s.steps, guidance=s.guidance,
-                      seed=spec.seed, first_index=spec.start, batch_size=s.batch_size, device=runtime.device,
+        out = img2img(model, mixed, labels[src], strength=strength, steps=s.steps, guidance=s.guidance,
+                      seed=seed, first_index=first_index, batch_size=s.batch_size, device=runtime.device,
                       dtype=runtime.dtype)
-        prov = [{"source": ids[i], "target": ids[t], "mask_area": round(float(m.mean()), 4), "strength": cfg.strength,
-                 "index": spec.start + j} for j, (i, t, m) in enumerate(zip(src, targets, masks))]
+        prov = [{"source": ids[i], "target": ids[t], "mask_area": round(float(m.mean()), 4), "strength": strength,
+                 "index": first_index + j} for j, (i, t, m) in enumerate(zip(src, targets, masks))]
+        steps = {"source": images[src], "saliency": maps[src], "mask": masks, "target": images[targets],
+                 "mix": mixed, "refined": out}
+        return out, prov, steps
+
+    def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SgdMixConfig,
+                 runtime: RuntimeConfig) -> Generated:
+        src = source_rows(store, ref.meta["data_hash"], spec)
+        out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
+                                    strength=cfg.strength, runtime=runtime)
         return Generated(images=list(out), provenance=prov, shard={
             "refiner_sha256": ref.files["weights"].sha256, "saliency": cfg.saliency, "strength": cfg.strength,
-            "steps": s.steps, "guidance": s.guidance})
+            "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance})
 
     def describe(self, ref: ModelRef, cfg: SgdMixConfig) -> list[str]:
         return [f"- sources: real train images of each targeted combination; targets: the nearest of {cfg.candidates} "

@@ -36,10 +36,11 @@ from porcelain.storage import Store
 from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
 from porcelain.synthesizers.closed_set import ClosedSetConfig
+from porcelain.synthesizers.drift import DriftSettings
 from porcelain.synthesizers.sources import plan_with_sources, source_rows
 
 
-class SipConfig(SynthesizerConfig):
+class SipConfig(SynthesizerConfig, DriftSettings):
     """``{kind: sip, strength: 0.5, clip: local-dir:/models/clip, captioner: /models/blip, guidance: clip}``."""
 
     kind: Literal["sip"] = "sip"
@@ -170,30 +171,41 @@ class Sip(Synthesizer):
              seed: int) -> list[ShardSpec]:
         return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
 
-    def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SipConfig, runtime: RuntimeConfig) -> Generated:
+    def augment(self, store: Store, ref: ModelRef, cfg: SipConfig, src: np.ndarray, *, seed: int, first_index: int,
+                strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
+        """Edit the train images at rows ``src``: (images, provenance, intermediates for the audit grid)."""
+        from porcelain.data.ingest import split_ids
+
         h = ref.meta["data_hash"]
         images, labels = load_split(store, h, cfg.generator.resolution, ref.meta["n_shards"], "train")
+        ids = split_ids(store, h, "train")
         f = ref.files["captions"]
         rows = json.loads(store.read_verified(f.key, f.sha256))
-        src = source_rows(store, h, spec)
         model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
         s = cfg.sampling
         out, prov = [], []
         for j, i in enumerate(src):
-            r = rows[spec.sources[j]]
+            r = rows[ids[i]]
             w = s.guidance
             if cfg.guidance == "clip" and ref.meta["sim_lo"] is not None and np.isfinite(r["similarity"]):
                 w = float(guidance_from_similarity(r["similarity"], lo=ref.meta["sim_lo"], hi=ref.meta["sim_hi"],
                                                    w_min=cfg.w_min, w_max=cfg.w_max))
-            out.append(img2img(model, images[[i]], labels[[i]], strength=cfg.strength, steps=s.steps, guidance=w,
-                               seed=spec.seed, first_index=spec.start + j, batch_size=1, device=runtime.device,
+            out.append(img2img(model, images[[i]], labels[[i]], strength=strength, steps=s.steps, guidance=w,
+                               seed=seed, first_index=first_index + j, batch_size=1, device=runtime.device,
                                dtype=runtime.dtype)[0])
-            prov.append({"source": spec.sources[j], "prompt": r["prompt"], "caption": r["caption"],
-                         "similarity": r["similarity"], "guidance": round(w, 4), "strength": cfg.strength,
-                         "index": spec.start + j})
-        return Generated(images=out, provenance=prov, shard={"refiner_sha256": ref.files["weights"].sha256,
-                                                             "strength": cfg.strength, "steps": s.steps,
-                                                             "guidance_rule": cfg.guidance})
+            prov.append({"source": ids[i], "prompt": r["prompt"], "caption": r["caption"],
+                         "similarity": r["similarity"], "guidance": round(w, 4), "strength": strength,
+                         "index": first_index + j})
+        out_a = np.stack(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
+        return out_a, prov, {"source": images[src], "refined": out_a}
+
+    def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SipConfig, runtime: RuntimeConfig) -> Generated:
+        src = source_rows(store, ref.meta["data_hash"], spec)
+        out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
+                                    strength=cfg.strength, runtime=runtime)
+        return Generated(images=list(out), provenance=prov, shard={"refiner_sha256": ref.files["weights"].sha256,
+                                                                   "strength": cfg.strength, "steps": cfg.sampling.steps,
+                                                                   "guidance_rule": cfg.guidance})
 
     def describe(self, ref: ModelRef, cfg: SipConfig) -> list[str]:
         rule = (f"from each source's CLIP similarity to its label phrase, linear from w={cfg.w_max} at "
