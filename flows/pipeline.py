@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from porcelain.config import RunConfig, config_from_dict
 from porcelain.data.source import BUILTIN
-from porcelain.generate.targeting import shards_for
+from porcelain.generate.targeting import synthetic_for
 from porcelain.synthesizers import get as get_synthesizer
 from tasks import stages
 from tasks.policy import TASK_STAGES, result_storage_for, retry_options
@@ -30,9 +30,9 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     # Task results live beside the run's data, whoever calls the flow (the store is not in the keys).
     results_at = result_storage_for(st)
     builtin_data, ingest, pack_shard, plan_generation, prepare, generate, reference, faithfulness, drift, \
-        train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
+        filter_, top_up_plan, train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
             "builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate", "reference",
-            "faithfulness", "drift", "train_evaluate", "report"))
+            "faithfulness", "drift", "filter_", "top_up_plan", "train_evaluate", "report"))
 
     if cfg.data.manifest in BUILTIN:
         src = builtin_data(cfg.data, st)
@@ -81,15 +81,20 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     if failed:
         log.error("%d generation shards failed after retries: %s", len(failed), failed)
         raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
-    for label, done in shards.items():
+    for label, done in shards.items():  # judged before any filter: the generator's own faithfulness
         faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
+    if cfg.filters.enabled:
+        for syn in cfg.synthesizers:
+            if syn.label in shards:
+                shards[syn.label] = _filtered(syn, models[syn.label], shards[syn.label], data, ref, plan, cfg,
+                                              filter_, top_up_plan, generate)
 
     calls = []
     base = cfg.sweep.baseline
     arms = [(None, base)] + [(syn.label, r) for syn in cfg.synthesizers for r in cfg.sweep.ratios if r != base]
     for label, ratio in arms:
         alloc = plan["ratios"][ratio]["alloc"]
-        synthetic = {"alloc": alloc, "shards": shards_for(alloc, shards.get(label, []))} if label else {}
+        synthetic = synthetic_for(alloc, shards.get(label, [])) if label else {}
         arm = ratio if label is None else f"{label} {ratio}"
         calls += [(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt) for seed in cfg.sweep.seeds]
     runs = _submit(train_evaluate, calls, rt.workers)
@@ -103,6 +108,24 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     written = report(summary, st)
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
+
+
+def _filtered(syn: Any, model: Any, done: list[Any], data: dict[str, Any], ref: dict[str, Any], plan: dict[str, Any],
+              cfg: RunConfig, filter_: Any, top_up_plan: Any, generate: Any) -> list[Any]:
+    """Filter a synthesizer's shards, then top up the combinations left short, for a few rounds."""
+    st, rt, fc = cfg.storage, cfg.runtime, cfg.filters
+    kept = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in done], rt.workers)]
+    for round_ in range(fc.rounds):
+        specs = top_up_plan(data, syn, plan["need"], kept, fc, cfg.generation.shard_size, cfg.generation.seed,
+                            round_, st)
+        if not specs:
+            break
+        new = [f.result() for f in _submit(generate, [(model, s, syn, st, rt) for s in specs], rt.workers)]
+        new = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in new], rt.workers)]
+        by_place = {(tuple(s.combo), s.start): s for s in kept}
+        by_place.update({(tuple(s.combo), s.start): s for s in new})  # a grown shard replaces itself
+        kept = list(by_place.values())
+    return kept
 
 
 def _submit(task: Any, calls: list[tuple], workers: int) -> list[Any]:

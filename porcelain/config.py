@@ -321,6 +321,27 @@ class FaithfulnessConfig(_Model):
         return data
 
 
+class FilterConfig(_Model):
+    """Which generated images are kept for training (a chain, applied per shard; off by default).
+
+    When a filter drops images, generation tops up each combination until its planned count is kept
+    (or ``max_attempts`` × planned images were made), so a ratio keeps meaning what it says."""
+
+    faithfulness: Annotated[float, Field(gt=0, lt=1)] | dict[str, Annotated[float, Field(gt=0, lt=1)]] | None = Field(
+        None, description="Keep an image when the reference classifier gives its intended value of every task "
+        "(or of the tasks named) at least this probability; null: off.")
+    memorisation: Annotated[float, Field(gt=0, le=50)] | None = Field(
+        None, description="Drop near copies: images closer (pixels, at the reference's size) to a train image than "
+        "this percentile of real test-to-train distances (e.g. 1.0); null: off.")
+    max_attempts: Annotated[float, Field(ge=1, le=20)] = Field(
+        3.0, description="At most this many images made per planned image of a combination (top-up cap).")
+    rounds: Annotated[int, Field(ge=0, le=10)] = Field(3, description="Top-up rounds after the first generation.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.faithfulness is not None or self.memorisation is not None
+
+
 class RuntimeConfig(_Model):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -354,6 +375,7 @@ class RunConfig(_Model):
     sweep: SweepConfig = SweepConfig()
     reference: ReferenceConfig = ReferenceConfig()
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
+    filters: FilterConfig = FilterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="before")

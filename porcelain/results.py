@@ -48,6 +48,9 @@ class ShardRef(_Result):
     combo: list[int]
     start: int
     synthesizer: str = Field(description="The synthesizer's label in this run (display only).")
+    kept: list[int] | None = Field(None, description="After filters: the indices (within the combination) of the "
+                                   "images kept; None: unfiltered, every image is kept.")
+    filter_key: str | None = Field(None, description="Where the filter verdicts of this shard are stored.")
 
 
 _VOLATILE: dict[type, frozenset[str]] = {

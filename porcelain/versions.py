@@ -48,9 +48,10 @@ STAGES: dict[str, Stage] = {
     "reference": Stage("1", ("porcelain.evaluate.reference",), ML_LIBS),
     "shards": Stage("2", ("porcelain.generate.shards",), ("numpy", "pillow")),  # 2: shards grow in place
     "drift": Stage("1", ("porcelain.synthesizers.drift",), ML_LIBS),
+    "filters": Stage("1", ("porcelain.filter.stage",), ML_LIBS),
     "faithfulness": Stage("2", ("porcelain.evaluate.judging",), ML_LIBS),  # 2: reloaded reference in task order
     "sweep": Stage("1", ("porcelain.train.sweep",), ML_LIBS),
-    "report": Stage("1", ("porcelain.report.build",), ("numpy", "matplotlib")),
+    "report": Stage("2", ("porcelain.report.build",), ("numpy", "matplotlib")),  # 2: corrected verdicts
 }
 
 

@@ -20,7 +20,8 @@ NOT_CONTENT = frozenset({"storage", "runtime"})
 TASK_STAGES: dict[str, tuple[str, ...]] = {
     "builtin-data": ("builtin-data",), "ingest": ("ingest",), "pack-shard": ("pack",),
     "plan-generation": ("plan",), "reference-classifier": ("reference",), "prepare-synthesizer": (),
-    "generate-shard": ("shards",), "semantic-drift": ("drift",), "label-faithfulness": ("faithfulness",), "train-evaluate": ("sweep",),
+    "generate-shard": ("shards",), "semantic-drift": ("drift",),
+    "filter-shard": ("filters",), "plan-top-up": ("filters",), "label-faithfulness": ("faithfulness",), "train-evaluate": ("sweep",),
     "report": ("report",),
 }
 

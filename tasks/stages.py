@@ -11,6 +11,7 @@ from porcelain.config import (
     ClassifierConfig,
     DataConfig,
     FaithfulnessConfig,
+    FilterConfig,
     GenerationConfig,
     ReferenceConfig,
     RuntimeConfig,
@@ -27,6 +28,8 @@ from porcelain.report.build import build_report
 from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
 from porcelain.synthesizers import SynthesizerConfig
+from porcelain.filter.stage import filter_shard, top_up
+from porcelain.generate.targeting import decode_alloc
 from porcelain.synthesizers.drift import measure_drift
 from porcelain.synthesizers.prepare import prepare_synthesizer
 from porcelain.train.sweep import train_and_evaluate
@@ -88,6 +91,18 @@ def generate(ref: ModelRef, spec: dict[str, Any], cfg: SynthesizerConfig, storag
 def drift(data: dict[str, Any], ref: ModelRef, cfg: SynthesizerConfig, reference: dict[str, Any], storage: StorageConfig,
           runtime: RuntimeConfig) -> dict[str, Any]:
     return measure_drift(_store(storage), data, ref, cfg, reference, runtime)
+
+
+@task(name="filter-shard", task_run_name="filter-{shard.synthesizer}-{shard.combo}-{shard.start}", **TASK_DEFAULTS)
+def filter_(data: dict[str, Any], shard: ShardRef, reference: dict[str, Any], cfg: FilterConfig,
+            storage: StorageConfig, runtime: RuntimeConfig) -> ShardRef:
+    return filter_shard(_store(storage), data, shard, reference, cfg, runtime)
+
+
+@task(name="plan-top-up", task_run_name="plan-top-up-{syn.label}-{round_}", **TASK_DEFAULTS)
+def top_up_plan(data: dict[str, Any], syn: SynthesizerConfig, need: list[list], shards: list[ShardRef],
+                cfg: FilterConfig, shard_size: int, seed: int, round_: int, storage: StorageConfig) -> list[dict[str, Any]]:
+    return top_up(_store(storage), data, syn, decode_alloc(need), shards, cfg, shard_size, seed)
 
 
 @task(name="reference-classifier", task_run_name="reference-classifier", **TASK_DEFAULTS)

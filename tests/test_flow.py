@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from porcelain.config import config_from_dict
@@ -35,11 +37,12 @@ def test_flow_produces_report_and_metrics(first_run):
     # every task ran and completed once on the first run
     assert all(s == ["Completed"] or set(s) == {"Completed"} for s in states.values()), states
     assert len(states["train-closed_set 80:20-seed0"]) == 1 and "train-100:0-seed1" in states
-    # each shard is recorded with its provenance, and holds exactly generation.shard_size images
+    # each shard is recorded with its provenance, and holds the images asked of it (at most shard_size)
     shard_keys = [k for k in store.list("synthetic") if k.endswith(".json")]
     doc = store.read_json(shard_keys[0])
     assert {"synthesizer", "combination", "seed", "model_sha256", "steps", "guidance", "runtime"} <= set(doc["provenance"])
-    assert doc["provenance"]["synthesizer"] == "closed_set" and len(doc["images"]) == cfg["generation"]["shard_size"]
+    assert doc["provenance"]["synthesizer"] == "closed_set"
+    assert len(doc["images"]) == doc["provenance"]["count"] <= cfg["generation"]["shard_size"]
 
 
 def test_sweep_runs_train_on_their_synthetic_images_for_equal_steps(first_run):
@@ -68,17 +71,20 @@ def test_second_run_executes_no_task_body(first_run, body_calls):
 def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_calls):
     cfg, _, _ = first_run
     changed = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "50:50"], "seeds": [0, 1]})
+    store = Store(cfg["storage"]["url"])
+    before = {k: [im["key"] for im in store.read_json(k)["images"]] for k in store.list("synthetic") if k.endswith(".json")}
     _, states = _run(changed)
     assert body_calls.count("train_and_evaluate") == 2 and "prepare_synthesizer" not in body_calls
     ran = {name for name, s in states.items() if "Completed" in s}
     cached = {name for name, s in states.items() if s == ["Cached"] * len(s)}
     assert {"train-100:0-seed0", "train-100:0-seed1", "ingest", "prepare-closed_set"} <= cached
     assert {"train-closed_set 50:50-seed0", "train-closed_set 50:50-seed1", "plan-generation", "report"} <= ran
-    # every finished shard is reused whole (shard boundaries do not depend on the ratio); only the
-    # shards beyond them are generated
-    gen_ran = [n for n in ran if n.startswith("generate-")]
-    gen_cached = [n for n in cached if n.startswith("generate-")]
-    assert gen_ran and gen_cached and body_calls.count("generate_shard") == len(gen_ran)
+    # shard keys do not depend on the ratio: every image made before is kept as it was, and shards
+    # that a larger ratio needs more of grow by the missing images only
+    after = {k: [im["key"] for im in store.read_json(k)["images"]] for k in store.list("synthetic") if k.endswith(".json")}
+    assert all(after[k][: len(v)] == v for k, v in before.items())
+    grown = [k for k, v in before.items() if len(after[k]) > len(v)]
+    assert grown and body_calls.count("generate_shard") == len([n for n in ran if n.startswith("generate-")])
 
 
 def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
@@ -87,11 +93,13 @@ def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
     other = tiny_config(str(tmp_path / "runs"), runtime={"workers": 2})
     result2, _ = _run(other)
     a, b = Store(cfg["storage"]["url"]), Store(other["storage"]["url"])
-    # (other tests may have added shards and runs to the first store since: compare what b made)
+    # (other tests may have added shards and runs to the first store since, or grown its shards:
+    # compare what b made with the same images of a)
     shards = {k for k in b.list("synthetic") if k.endswith(".json")}
     assert shards and shards <= set(a.list("synthetic"))  # same content-addressed shard keys
     for k in shards:
-        assert a.read_json(k) == b.read_json(k), k
+        mine = b.read_json(k)["images"]
+        assert a.read_json(k)["images"][: len(mine)] == mine, k
     metrics = sorted(k for k in b.list("runs") if k.endswith("metrics.json"))
     assert len(metrics) == 4
     for k in metrics:
@@ -151,7 +159,7 @@ def test_a_new_kind_plugs_in_beside_closed_set_with_no_other_file_changed(first_
     store = Store(cfg["storage"]["url"])
     solid = [k for k in store.list("synthetic") if k.endswith(".json") and store.read_json(k)["provenance"]["synthesizer"] == "solid"]
     doc = store.read_json(solid[0])
-    assert doc["images"][0]["provenance"]["colour"] and len(doc["images"]) == both["generation"]["shard_size"]
+    assert doc["images"][0]["provenance"]["colour"] and len(doc["images"]) == doc["provenance"]["count"]
     md = store.read_bytes(result["report"]["report"]).decode()
     assert "## Which method helps which task" in md
     header = next(ln for ln in md.splitlines() if ln.startswith("| task | closed_set 80:20"))
@@ -180,7 +188,7 @@ def test_closed_set_and_sd_lora_side_by_side_through_sweep_and_report(first_run,
     assert {r["steps"] for r in runs} == {12}  # every arm, every kind: the same budget
     sd_shards = [store.read_json(k) for k in store.list("synthetic") if k.endswith(".json")]
     sd_shards = [d for d in sd_shards if d["provenance"]["synthesizer"] == "sd_lora"]
-    assert sd_shards and all(len(d["images"]) == both["generation"]["shard_size"] for d in sd_shards)
+    assert sd_shards and all(len(d["images"]) == d["provenance"]["count"] for d in sd_shards)
     prov = sd_shards[0]["images"][0]["provenance"]
     assert "Chinese porcelain" in prov["prompt"] and prov["lora_scale"] == 0.4  # the paper's default scale
     md = store.read_bytes(result["report"]["report"]).decode()
@@ -285,3 +293,38 @@ def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_ru
     assert len({p["guidance"] for p in edits}) > 1  # guidance follows each source's similarity
     md = store.read_bytes(result["report"]["report"]).decode()
     assert "## Synthesizer `sip` (kind `sip`)" in md and "label-conditioned SDEdit" in md
+
+
+def test_filters_drop_unfaithful_images_and_top_up_keeps_the_planned_counts(first_run, body_calls):
+    """A faithfulness filter with a strict threshold drops images; top-up generates more of the
+    combinations left short, and every sweep run still trains on the planned number of synthetic images."""
+    cfg, _, _ = first_run
+    run = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0]},
+                      filters={"faithfulness": 0.3, "max_attempts": 4, "rounds": 2})
+    result, states = _run(run)
+    assert any(n.startswith("filter-") for n in states) and "plan-top-up-closed_set-0" in states
+    store = Store(cfg["storage"]["url"])
+    md = store.read_bytes(result["report"]["report"]).decode()
+    section = md.split("### Filters")[1].split("###")[0]
+    made, kept = (int(x) for x in re.search(r"Made (\d+) images, kept (\d+)", section).groups())
+    need = sum(n for _, n in result_plan(store, result))
+    assert made > kept and "faithfulness:" in section
+    assert made > need  # top-up made more than the plan asked for, to refill what the filter dropped
+    runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
+    mixed = [r for r in runs if r["n_synthetic"] and r["seed"] == 0]
+    plan_n = round(mixed[0]["n_real"] * 0.2 / 0.8) if mixed else None
+    short = re.search(r"(\d+) combinations stayed short", section)
+    if short is None:  # every combination refilled: the ratio holds exactly its planned count
+        assert any(r["n_synthetic"] == plan_n for r in mixed)
+    else:  # the report says so, and no run trained on images the filter dropped
+        assert kept == 0 or mixed
+    # filtered verdicts are stored per shard, with a reason for every dropped image
+    verdicts = [store.read_json(k) for k in store.list("filtered")]
+    assert verdicts and all(bool(r) != k for v in verdicts for k, r in zip(v["keep"], v["reasons"]))
+
+
+def result_plan(store: Store, result: dict) -> list:
+    """The plan's images per combination, from the report's flow summary stored with the run."""
+    md = store.read_bytes(result["report"]["report"]).decode()
+    n = re.search(r"80:20 → (\d+)", md)
+    return [[None, int(n.group(1))]] if n else []

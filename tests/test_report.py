@@ -32,6 +32,7 @@ def _preds(accuracy: float, seed: int) -> dict[str, list[int]]:
 
 
 def _summary(store: Store, ratios=("100:0", "90:10"), seeds=(0, 1, 2), acc=(0.6, 0.9), steps=(50, 50)) -> dict:
+    # every non-baseline ratio is an arm of one synthesizer, as the flow names them
     cfg = config_from_dict({"sweep": {"ratios": list(ratios), "seeds": list(seeds), "bootstrap": 500},
                             "name": "@evil", "classifier": {"image_size": 8}})
     y = _target()
@@ -109,3 +110,19 @@ def test_the_baseline_is_the_real_only_run_wherever_it_is_listed(tmp_path):
     md = store.read_bytes(build_report(store, s)["report"]).decode()
     assert "against the real-only baseline (100:0)" in md
     assert "| closed_set 90:10 | glaze | +0.3" in md
+
+
+def test_a_lone_uncorrected_difference_among_many_comparisons_is_not_a_verdict(tmp_path):
+    """With many comparisons, one interval that excludes 0 at 95% alone is reported as a lead, not as
+    'better': the verdict uses Bonferroni-corrected intervals."""
+    store = Store(str(tmp_path))
+    s = _summary(store, ratios=("100:0", "90:10", "80:20", "70:30", "60:40", "50:50"), acc=(0.6, 0.6, 0.6, 0.6, 0.6, 0.66),
+                 steps=(50,) * 6)
+    preds = {r["key"]: {t: np.asarray(v) for t, v in store.read_json(r["predictions"])["test"].items()} for r in s["runs"]}
+    arms = ["100:0"] + [f"closed_set {r}" for r in ("90:10", "80:20", "70:30", "60:40", "50:50")]
+    agg = aggregate(s["runs"], TASKS, arms, _target(), preds, [2, 2], [[9, 3], [9, 3]], n_boot=500)
+    assert agg["n_comparisons"] == 10
+    raw, fam = agg["delta"]["macro_f1"]["closed_set 50:50"]["glaze"], agg["family"]["closed_set 50:50"]["glaze"]
+    assert fam["low"] < raw["low"] <= raw["high"] < fam["high"]  # the corrected interval is wider
+    md = store.read_bytes(build_report(store, s)["report"]).decode()
+    assert "corrected for the 10 comparisons" in md

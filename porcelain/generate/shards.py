@@ -84,9 +84,12 @@ def load_synthetic(store: Store, shards: list[ShardRef | dict[str, Any]], alloc:
     """The first ``alloc[combo]`` generated images of each combination, as arrays at ``size`` px."""
     by_combo: dict[tuple[int, ...], list[tuple[int, str]]] = {}
     for ref in shards:
-        manifest = store.read_json(ref.key if isinstance(ref, ShardRef) else ref["key"])
+        ref = ref if isinstance(ref, ShardRef) else ShardRef.model_validate({"synthesizer": "", **ref})
+        manifest = store.read_json(ref.key)
         combo = tuple(manifest["provenance"]["combo"])
-        by_combo.setdefault(combo, []).extend((im["index"], im["key"]) for im in manifest["images"])
+        kept = None if ref.kept is None else set(ref.kept)  # filtered shards: only the kept images
+        by_combo.setdefault(combo, []).extend((im["index"], im["key"]) for im in manifest["images"]
+                                              if kept is None or im["index"] in kept)
     images, labels = [], []
     for combo, n in sorted(alloc.items()):
         if n <= 0:

@@ -61,17 +61,45 @@ def plan_generation(store: Store, data: dict[str, Any], sweep: SweepConfig, cfg:
         "imbalance_before": {t: imbalance_ratio(real_counts[i]) for i, t in enumerate(tasks)},
         "ratios": ratios,
         "shards": {label: [s.to_dict() for s in specs] for label, specs in shards.items()},
+        "need": encode_alloc(need),  # images per combination the largest ratio reads
         "targeted_without_test": [list(c) for c in targeted if c not in test],
     }
 
 
 def shards_for(alloc_rows: list[list], shards: list[Any]) -> list[Any]:
-    """The shards one ratio reads: those holding images below its allocation of their combination.
+    """The shards one ratio reads: per combination, in index order, those holding the first
+    ``alloc[combo]`` images it trains on (kept images only, when the shards were filtered).
 
     Only these enter that ratio's cache key, so adding a larger ratio leaves smaller ones cached.
     """
     alloc = decode_alloc(alloc_rows)
-    def field(s: Any, k: str) -> Any:
-        return s[k] if isinstance(s, dict) else getattr(s, k)
 
-    return [s for s in shards if field(s, "start") < alloc.get(tuple(field(s, "combo")), 0)]
+    def field(s: Any, k: str) -> Any:
+        return s.get(k) if isinstance(s, dict) else getattr(s, k)
+
+    out, got = [], {}
+    for s in sorted(shards, key=lambda s: (tuple(field(s, "combo")), field(s, "start"))):
+        c = tuple(field(s, "combo"))
+        if got.get(c, 0) >= alloc.get(c, 0):
+            continue
+        kept = field(s, "kept")
+        got[c] = got.get(c, 0) + (field(s, "n") if kept is None else len(kept))
+        out.append(s)
+    return out
+
+
+def synthetic_for(alloc_rows: list[list], shards: list[Any]) -> dict[str, Any]:
+    """What one run trains on: ``{"alloc", "shards"}``, the allocation capped per combination by the
+    images its shards hold (after filters, a combination left short after top-up gives what it kept;
+    the report says which), and the shards it reads (:func:`shards_for`)."""
+    def field(s: Any, k: str) -> Any:
+        return s.get(k) if isinstance(s, dict) else getattr(s, k)
+
+    have: dict[tuple[int, ...], int] = {}
+    for s in shards:
+        kept = field(s, "kept")
+        c = tuple(field(s, "combo"))
+        have[c] = have.get(c, 0) + (field(s, "n") if kept is None else len(kept))
+    capped = {c: min(n, have.get(c, 0)) for c, n in decode_alloc(alloc_rows).items()}
+    rows = encode_alloc(capped)
+    return {"alloc": rows, "shards": shards_for(rows, shards)}

@@ -94,6 +94,10 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], t
     by = {r: sorted((x for x in runs if _arm(x) == r), key=lambda x: x["seed"]) for r in ratios}
     stats: dict[str, dict[str, dict[str, tuple]]] = {m: {r: {} for r in ratios} for m in METRICS}
     delta: dict[str, dict[str, dict[str, dict]]] = {m: {r: {} for r in ratios if r != base} for m in DELTA_METRICS}
+    # Every (arm, task) pair is one comparison; at 95% each, about 5% of them would exclude 0 by
+    # chance. Verdicts use Bonferroni-corrected intervals (95% for the family of comparisons).
+    n_comparisons = (len(ratios) - 1) * len(tasks)
+    family: dict[str, dict[str, dict]] = {r: {} for r in ratios if r != base}
     for t, task in enumerate(tasks):
         y, c = target[:, t], num_classes[t]
         minority = minority_classes(train_counts[t])
@@ -106,11 +110,14 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], t
             if r == base:
                 continue
             pairs = [(base_seeds[x["seed"]], x) for x in by[r] if x["seed"] in base_seeds]
+            a_preds = [preds[a["key"]][task] for a, _ in pairs]
+            b_preds = [preds[b["key"]][task] for _, b in pairs]
             for m in DELTA_METRICS:
-                delta[m][r][task] = paired_bootstrap(
-                    [preds[a["key"]][task] for a, _ in pairs], [preds[b["key"]][task] for _, b in pairs],
-                    y, c, m, minority=minority, n_boot=n_boot)
-    return {"baseline": base, "stats": stats, "delta": delta}
+                delta[m][r][task] = paired_bootstrap(a_preds, b_preds, y, c, m, minority=minority, n_boot=n_boot)
+            if n_comparisons > 1:  # the verdict's interval, corrected for the number of comparisons
+                family[r][task] = paired_bootstrap(a_preds, b_preds, y, c, "macro_f1", minority=minority,
+                                                   n_boot=n_boot, confidence=1 - 0.05 / n_comparisons)
+    return {"baseline": base, "stats": stats, "delta": delta, "family": family, "n_comparisons": n_comparisons}
 
 
 def learned(runs: list[dict[str, Any]], tasks: list[str], baseline: str, target: np.ndarray,
@@ -150,6 +157,15 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
                     n_boot=cfg["sweep"]["bootstrap"])
     agg["learned"] = learned(runs, tasks, agg["baseline"], target, num_classes, cfg["sweep"]["learned_margin"])
     agg["confounded"] = fairness(runs)
+    agg["filters"] = {}
+    for label, shards in (summary.get("shards") or {}).items():
+        filtered = [x for x in shards if x.get("filter_key")]
+        if filtered:
+            from porcelain.filter.stage import filter_summary
+            from porcelain.generate.targeting import decode_alloc
+
+            agg["filters"][label] = filter_summary(store, filtered, decode_alloc(plan.get("need", [])),
+                                                   data["classes"], tasks)
 
     figs: dict[str, bytes] = {}
     mixes = [r for r in cfg["sweep"]["ratios"] if plan["ratios"][r]["synthetic"]]
@@ -201,7 +217,16 @@ def _task_verdict(agg: dict[str, Any], ratio: str, task: str) -> str:
         return "not compared: the runs are not comparable (see Training budget)"
     if not agg["learned"][task]["learned"]:
         return "not compared: classifier did not learn this task"
-    return verdict(agg["delta"]["macro_f1"][ratio][task])
+    return verdict((agg.get("family") or {}).get(ratio, {}).get(task) or agg["delta"]["macro_f1"][ratio][task])
+
+
+def _uncorrected(agg: dict[str, Any], ratio: str, task: str) -> str | None:
+    """'better'/'worse' at 95% for this comparison alone where the corrected verdict says otherwise."""
+    raw = verdict(agg["delta"]["macro_f1"][ratio][task])
+    if raw in ("better", "worse") and _task_verdict(agg, ratio, task) != raw \
+            and not _task_verdict(agg, ratio, task).startswith("not compared"):
+        return raw
+    return None
 
 
 def _slug(label: str) -> str:
@@ -216,9 +241,10 @@ def _sample_grid(store: Store, summary: dict[str, Any], label: str, per_side: in
     have_n: dict[tuple, int] = {}
     shards = summary["shards"][label]
     for s in shards:
-        have_n[tuple(s["combo"])] = have_n.get(tuple(s["combo"]), 0) + s["n"]
+        n = s["n"] if s.get("kept") is None else len(s["kept"])
+        have_n[tuple(s["combo"])] = have_n.get(tuple(s["combo"]), 0) + n
     # the combinations that received the most synthetic images (the rarest ones), at most MAX_GRID_ROWS
-    combos = sorted(sorted(have_n, key=lambda c: -have_n[c])[:MAX_GRID_ROWS])
+    combos = sorted(sorted((c for c in have_n if have_n[c]), key=lambda c: -have_n[c])[:MAX_GRID_ROWS])
     rows = []
     for combo in combos:
         syn_x, _ = load_synthetic(store, [s for s in shards if tuple(s["combo"]) == combo],
@@ -260,6 +286,12 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         warn.append(f"**Synthetic images made these tasks worse** (interval below 0): {', '.join(worse)}.")
     if better:
         warn.append(f"Synthetic images helped (interval above 0): {', '.join(better)}.")
+    loose = [f"{e(t)} ({r}: {_uncorrected(agg, r, t)})" for r in others for t in tasks if _uncorrected(agg, r, t)]
+    if loose:
+        warn.append(f"Looked better or worse at 95% taken alone, but not after correcting for the "
+                    f"{agg['n_comparisons']} comparisons of this run (Bonferroni; by chance about "
+                    f"{0.05 * agg['n_comparisons']:.1f} of them would): {', '.join(loose)}. Treat these as leads to "
+                    "rerun with more seeds or test images, not as findings.")
     unjudged = sorted({t for faith in faiths.values() for t, f in (faith.get("faithfulness") or {}).items()
                        if "not_measurable" in f})
     for t in unjudged:
@@ -283,7 +315,9 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           f"Difference of test macro-F1 against the real-only baseline ({e(base)}), mean over seeds, with a 95% "
           f"paired bootstrap interval ({cfg['sweep']['bootstrap']} replicates resampling seeds and test images; the "
           "same images for both arms). *Detectable* is the smallest true difference this run would detect with "
-          "80% power: a difference smaller than that can hide in 'no clear difference'.", "",
+          "80% power: a difference smaller than that can hide in 'no clear difference'. The verdict uses the "
+          f"interval corrected for the {agg['n_comparisons']} comparisons (Bonferroni, "
+          f"{1 - 0.05 / max(1, agg['n_comparisons']):.2%} each), so that the run as a whole errs at most 5% of the time.", "",
           "| synthesizer and ratio | task | Δ macro-F1 | Δ minority macro-F1 | detectable | verdict |",
           "|---|---|---|---|---|---|"]
     for r in others:
@@ -337,6 +371,8 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         ref = ModelRef.model_validate(model)
         L += [f"## Synthesizer `{e(label)}` (kind `{e(ref.kind)}`)", ""]
         L += get_synthesizer(ref.kind).describe(ref, syn_cfg) + [""]
+        if label in agg.get("filters", {}):
+            L += _filter_section(agg["filters"][label], cfg.get("filters", {}), e)
         drift = (summary.get("drift") or {}).get(label)
         if drift:
             L += _drift_section(drift, label, e)
@@ -372,6 +408,23 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           f"{'on' if cfg['classifier']['use_sampler'] else 'off'}, weighted loss "
           f"{'on' if cfg['classifier']['class_weighted_loss'] else 'off'}", ""]
     return "\n".join(L)
+
+
+def _filter_section(f: dict[str, Any], fcfg: dict[str, Any], e) -> list[str]:
+    on = ", ".join(f"{k} {v}" for k, v in fcfg.items() if k in ("faithfulness", "memorisation") and v is not None)
+    apk = "n/a" if f["attempts_per_kept"] is None else f"{f['attempts_per_kept']:.2f}"
+    L = ["### Filters", "",
+         f"Chain: {on}. Made {f['made']} images, kept {f['kept']} ({apk} made per kept image); dropped by "
+         + (", ".join(f"{k or '?'}: {v}" for k, v in sorted(f["dropped_by"].items())) or "none") + ".", ""]
+    if f["short"]:
+        L.append(f"- **{len(f['short'])} combinations stayed short of their planned count** after top-up (at most "
+                 f"{fcfg.get('max_attempts')} × planned made): their ratios hold fewer synthetic images than planned.")
+    L += ["", "| task value | made | kept | pass rate |", "|---|---|---|---|"]
+    for k, v in f["by_value"].items():
+        L.append(f"| {e(k)} | {v['made']} | {v['kept']} | {v['kept'] / v['made']:.0%} |")
+    if f["examples"]:
+        L += ["", "Rejected, with the reason: " + "; ".join(f"{e(x['filter'])}: {e(x['reason'])}" for x in f["examples"][:4])]
+    return L + [""]
 
 
 def _drift_section(drift: dict[str, Any], label: str, e) -> list[str]:
