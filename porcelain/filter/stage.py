@@ -16,7 +16,6 @@ import numpy as np
 
 from porcelain.config import FilterConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
-from porcelain.filter.chain import run_chain
 from porcelain.filter.faithfulness import faithfulness_filter
 from porcelain.filter.memorisation import memorisation_filter
 from porcelain.generate.plan import Combo, ShardSpec

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from porcelain.config import GenerationConfig, RuntimeConfig
+from porcelain.config import RuntimeConfig
 from porcelain.data.images import decode_image, encode_png, to_array
 from porcelain.generate.plan import ShardSpec
 from porcelain.hashing import code_version, stable_hash

@@ -27,16 +27,16 @@ from porcelain.augment.mixing import choose_targets, mix
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split, split_ids
 from porcelain.generate.img2img import img2img
-from porcelain.generate.plan import Combo, ShardSpec
+from porcelain.generate.plan import ShardSpec
 from porcelain.hashing import canonical_safetensors, stable_hash
 from porcelain.results import FileRef, ModelRef
 from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
 from porcelain.synthesizers import get, register
-from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
+from porcelain.synthesizers.base import Generated, SynthesizerConfig
 from porcelain.synthesizers.closed_set import ClosedSetConfig
 from porcelain.synthesizers.drift import DriftSettings
-from porcelain.synthesizers.sources import plan_with_sources, source_rows
+from porcelain.synthesizers.sources import ImageConditioned, source_rows
 
 
 class SgdMixConfig(SynthesizerConfig, DriftSettings):
@@ -122,11 +122,10 @@ def saliency_maps(store: Store, data: dict[str, Any], cfg: SgdMixConfig, referen
 
 
 @register
-class SgdMix(Synthesizer):
+class SgdMix(ImageConditioned):
     kind: ClassVar[str] = "sgd_mix"
     config: ClassVar[type[SynthesizerConfig]] = SgdMixConfig
     version: ClassVar[str] = "1"
-    image_conditioned: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"reference"})
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "numpy")
 
@@ -137,15 +136,7 @@ class SgdMix(Synthesizer):
         refiner = get("closed_set").prepare(store, data, cfg.refiner(), runtime)
         reference = (context or {}).get("reference")
         maps, seconds = saliency_maps(store, data, cfg, reference, runtime)
-        identity = {"refiner": refiner.identity, "saliency": maps.sha256}
-        return ModelRef(kind=self.kind, key=stable_hash(identity, 24), identity=identity,
-                        files={**refiner.files, "saliency": maps},
-                        meta={**refiner.meta, "refiner": refiner.model_dump(mode="json"), "saliency_seconds": round(seconds, 2),
-                              "data_hash": data["data_hash"], "n_shards": data["n_shards"]})
-
-    def plan(self, store: Store, data: dict[str, Any], cfg: SgdMixConfig, need: dict[Combo, int], shard_size: int,
-             seed: int) -> list[ShardSpec]:
-        return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
+        return self.model_ref(refiner, data, "saliency", maps, saliency_seconds=round(seconds, 2))
 
     def augment(self, store: Store, ref: ModelRef, cfg: SgdMixConfig, src: np.ndarray, *, seed: int, first_index: int,
                 strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:

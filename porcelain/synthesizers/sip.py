@@ -28,16 +28,16 @@ from pydantic import Field
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split
 from porcelain.generate.img2img import guidance_from_similarity, img2img
-from porcelain.generate.plan import Combo, ShardSpec
+from porcelain.generate.plan import ShardSpec
 from porcelain.hashing import stable_hash
 from porcelain.results import FileRef, ModelRef
 from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
 from porcelain.synthesizers import get, register
-from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
+from porcelain.synthesizers.base import Generated, SynthesizerConfig
 from porcelain.synthesizers.closed_set import ClosedSetConfig
 from porcelain.synthesizers.drift import DriftSettings
-from porcelain.synthesizers.sources import plan_with_sources, source_rows
+from porcelain.synthesizers.sources import ImageConditioned, source_rows
 
 
 class SipConfig(SynthesizerConfig, DriftSettings):
@@ -143,11 +143,10 @@ def describe_train_images(store: Store, data: dict[str, Any], cfg: SipConfig, ru
 
 
 @register
-class Sip(Synthesizer):
+class Sip(ImageConditioned):
     kind: ClassVar[str] = "sip"
     config: ClassVar[type[SynthesizerConfig]] = SipConfig
     version: ClassVar[str] = "1"
-    image_conditioned: ClassVar[bool] = True
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "open_clip_torch", "numpy")
 
     def prepare(self, store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig,
@@ -161,15 +160,7 @@ class Sip(Synthesizer):
         hi = cfg.sim_hi if cfg.sim_hi is not None else (float(np.percentile(finite, 90)) if finite.size else None)
         if lo is not None and hi is not None and hi <= lo:
             hi = lo + 1e-6
-        identity = {"refiner": refiner.identity, "captions": described.sha256}
-        return ModelRef(kind=self.kind, key=stable_hash(identity, 24), identity=identity,
-                        files={**refiner.files, "captions": described},
-                        meta={**refiner.meta, "refiner": refiner.model_dump(mode="json"), "sim_lo": lo, "sim_hi": hi,
-                              "data_hash": data["data_hash"], "n_shards": data["n_shards"]})
-
-    def plan(self, store: Store, data: dict[str, Any], cfg: SipConfig, need: dict[Combo, int], shard_size: int,
-             seed: int) -> list[ShardSpec]:
-        return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
+        return self.model_ref(refiner, data, "captions", described, sim_lo=lo, sim_hi=hi)
 
     def augment(self, store: Store, ref: ModelRef, cfg: SipConfig, src: np.ndarray, *, seed: int, first_index: int,
                 strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
