@@ -8,6 +8,7 @@ batched txt2img); this module only puts it behind the synthesizer seam.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, ClassVar, Literal
 
 from porcelain.config import RuntimeConfig
@@ -51,6 +52,13 @@ class SdLoraConfig(SynthesizerConfig, SdLoraSettings):
 
     def image_sizes(self) -> list[int]:
         return [self.resolution]
+
+
+# One loaded pipeline serves the shards of a run, and a diffusers pipeline is not thread-safe (its
+# scheduler holds the timesteps of the call in progress): shards of this kind that run side by side
+# (runtime.workers > 1) take turns on it. With runtime.workers 2 on the tiny pipeline, 51 of its
+# shards failed before this lock.
+_PIPELINE_LOCK = threading.Lock()
 
 
 def image_seed(combination_seed: int, index: int) -> int:
@@ -98,8 +106,9 @@ class SdLora(Synthesizer):
 
         labels = [_named(ref.meta, spec.combo)] * spec.count
         seeds = [image_seed(spec.seed, spec.start + i) for i in range(spec.count)]
-        images, provenance = generate_sd_images(store, ref.meta["ref"], labels, seeds, cfg,
-                                                device=runtime.device, dtype=runtime.dtype)
+        with _PIPELINE_LOCK:
+            images, provenance = generate_sd_images(store, ref.meta["ref"], labels, seeds, cfg,
+                                                    device=runtime.device, dtype=runtime.dtype)
         return Generated(images=images, provenance=provenance, shard={
             "base_hash": ref.meta["ref"]["base_hash"], "lora_scale": cfg.inference.lora_scale,
             "steps": cfg.inference.steps, "guidance": cfg.inference.guidance})
