@@ -29,15 +29,13 @@ import math
 import numpy as np
 import torch
 
-from porcelain.device import choose_device, choose_dtype
+from porcelain.device import choose_device
 from porcelain.generate.sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLE_BATCH_SIZE,
     DEFAULT_SAMPLING_STEPS,
-    _denoise,
+    denoise_in_batches,
     image_noise,
-    run_with_oom_backoff,
-    to_uint8,
 )
 from porcelain.models.generator import ConditionalUNet
 from porcelain.progress import ProgressFn, null_progress
@@ -99,9 +97,6 @@ def img2img(
         raise ValueError(f"strength {strength} with {steps} steps runs no denoising step "
                          f"(floor(strength·steps) = 0); raise steps to at least {math.ceil(1 / strength)}")
     dev = choose_device(device)
-    dt = choose_dtype(dtype, dev)
-    was_training = model.training
-    model.to(dev).eval()
     scheduler = spec.make_sample_scheduler()
     scheduler.set_timesteps(steps)
     # DDIM's step computes the previous timestep from num_inference_steps, not from this list, so
@@ -109,28 +104,18 @@ def img2img(
     scheduler.timesteps = scheduler.timesteps[steps - k:]
     t_start = int(scheduler.timesteps[0])
     shape = (ch, res, res)
-    produced = 0
 
-    def chunk(start: int, stop: int) -> np.ndarray:
-        nonlocal produced
+    def start_latents(start: int, stop: int) -> torch.Tensor:
         noise = image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev)
         if k == steps:  # S = 1: pure noise, as sample_images
-            x = noise * scheduler.init_noise_sigma
-        else:
-            x0 = torch.from_numpy(np.ascontiguousarray(images_uint8[start:stop])).to(dev)
-            x0 = x0.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-            tt = torch.full((stop - start,), t_start, dtype=torch.long, device=dev)
-            x = scheduler.add_noise(x0, noise, tt)
-        out = to_uint8(_denoise(model, x, y_all[start:stop].to(dev), scheduler, float(guidance), dev, dt))
-        produced += stop - start
-        progress(produced, n, {"batch_size": stop - start})
-        return out
+            return noise * scheduler.init_noise_sigma
+        x0 = torch.from_numpy(np.ascontiguousarray(images_uint8[start:stop])).to(dev)
+        x0 = x0.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        tt = torch.full((stop - start,), t_start, dtype=torch.long, device=dev)
+        return scheduler.add_noise(x0, noise, tt)
 
-    try:
-        parts = run_with_oom_backoff(chunk, n, batch_size)
-    finally:
-        model.train(was_training)
-    return np.concatenate(parts, axis=0)
+    return denoise_in_batches(model, y_all, start_latents, scheduler, guidance=guidance, batch_size=batch_size,
+                              device=device, dtype=dtype, progress=progress)
 
 
 def guidance_from_similarity(

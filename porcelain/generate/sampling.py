@@ -157,17 +157,42 @@ def sample_images(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dev = choose_device(device)
-    dt = choose_dtype(dtype, dev)
-    was_training = model.training
-    model.to(dev).eval()
     scheduler = spec.make_sample_scheduler()
     scheduler.set_timesteps(steps)
     shape = (spec.in_channels, res, res)
+
+    def start_latents(start: int, stop: int) -> torch.Tensor:
+        return image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev) * scheduler.init_noise_sigma
+
+    return denoise_in_batches(model, y_all, start_latents, scheduler, guidance=guidance, batch_size=batch_size,
+                              device=device, dtype=dtype, progress=progress)
+
+
+def denoise_in_batches(
+    model: ConditionalUNet,
+    y_all: torch.Tensor,
+    start_latents: Callable[[int, int], torch.Tensor],
+    scheduler,
+    *,
+    guidance: float,
+    batch_size: int,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: ProgressFn = null_progress,
+) -> np.ndarray:
+    """Denoise images ``[start, stop)`` from ``start_latents(start, stop)`` with ``scheduler``'s
+    timesteps, batch by batch (halving the batch on out-of-memory), in eval mode; uint8 ``N×H×W×3``.
+    Shared by txt2img (:func:`sample_images`) and img2img (:mod:`porcelain.generate.img2img`)."""
+    n = len(y_all)
+    dev = choose_device(device)
+    dt = choose_dtype(dtype, dev)
+    was_training = model.training
+    model.to(dev).eval()
     produced = 0
 
     def chunk(start: int, stop: int) -> np.ndarray:
         nonlocal produced
-        x = image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev) * scheduler.init_noise_sigma
+        x = start_latents(start, stop)
         out = to_uint8(_denoise(model, x, y_all[start:stop].to(dev), scheduler, float(guidance), dev, dt))
         produced += stop - start
         progress(produced, n, {"batch_size": stop - start})
