@@ -1,5 +1,5 @@
 """The ``porcelain`` command line: ``demo``, ``run CONFIG``, ``sample-data OUT``, ``config schema|example``,
-``store check URL``."""
+``store check URL``, ``serve CONFIG``."""
 
 from __future__ import annotations
 
@@ -171,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     st_p.add_argument("--clean", action="store_true",
                       help="also delete temporary files that killed writers left (older than --older-than)")
     st_p.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS")
+    serve_p = sub.add_parser("serve", help="serve the config's deployments on this machine (no work pool): weekly "
+                             "ratio sweep, image watcher, rerun on new images (see docs/OPERATIONS.md)")
+    serve_p.add_argument("config", type=Path)
+    serve_p.add_argument("--weekly", default="0 2 * * 1", metavar="CRON", help="cron of the ratio sweep (Monday 02:00)")
+    serve_p.add_argument("--watch-every", type=float, default=600.0, metavar="SECONDS",
+                         help="interval of the image watcher (600 s)")
+    serve_p.add_argument("--debounce", type=float, default=60.0, metavar="SECONDS",
+                         help="events of one snapshot within this window start one run (60 s)")
     args = parser.parse_args(argv)
 
     # porcelain's progress lines go through Prefect's handlers (PREFECT_LOGGING_EXTRA_LOGGERS above).
@@ -206,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "store":
             return check_store(args.url, args.endpoint_url, clean=args.clean, older_than_s=args.older_than)
+        if args.command == "serve":
+            from deployments.serve import serve_config
+
+            serve_config(load_config(args.config), args.weekly, args.watch_every, args.debounce)
+            return 0
         cfg = load_config(args.config) if args.command == "run" else demo_config(url=args.storage)
         if args.refresh:
             from porcelain.versions import all_stage_names
