@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from porcelain.config import RunConfig, config_from_dict
+from porcelain.config import RunConfig
 from porcelain.data.source import BUILTIN
+from porcelain.report.publish import slug as _slug
 from porcelain.generate.targeting import synthetic_for
 from porcelain.synthesizers import get as get_synthesizer
 from tasks import stages
@@ -20,12 +22,24 @@ from tasks.policy import TASK_STAGES, result_storage_for, retry_options
 MAX_WORKERS = 64  # an upper bound; runtime.workers sets the real limit (see _submit)
 
 
-@flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), persist_result=False)
-def pipeline(config: dict[str, Any]) -> dict[str, Any]:
-    """Run the whole pipeline for one run config (a dict of :class:`~porcelain.config.RunConfig`)."""
-    cfg: RunConfig = config_from_dict(config)
+def _run_name() -> str:
+    """``{config name}-{config hash}`` until the data is read; then renamed ``{name}-{data hash}``."""
+    cfg = flow_run.parameters.get("config")
+    return run_name(cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg or {}))
+
+
+@flow(name="porcelain-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS), persist_result=False,
+      flow_run_name=_run_name, validate_parameters=True)
+def pipeline(config: RunConfig) -> dict[str, Any]:
+    """Run the whole pipeline for one run config (in the Prefect UI, a form of its sections)."""
+    cfg: RunConfig = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
     log = get_run_logger()
     st, rt = cfg.storage, cfg.runtime
+    if getattr(rt, "engine", "threads") != "threads":  # e.g. dask: the same flow, on that task runner
+        from flows import engine
+
+        if not engine.uses(rt, _current_task_runner()):
+            return pipeline.with_options(task_runner=engine.task_runner_for(rt))(cfg)
     retry = retry_options(rt)  # runtime.retries governs every task
     # Task results live beside the run's data, whoever calls the flow (the store is not in the keys).
     results_at = result_storage_for(st)
@@ -33,6 +47,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         filter_, top_up_plan, train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
             "builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate", "reference",
             "faithfulness", "drift", "filter_", "top_up_plan", "train_evaluate", "report"))
+    publish = stages.publish_report.with_options(**retry)
 
     if cfg.data.manifest in BUILTIN:
         src = builtin_data(cfg.data, st)
@@ -40,6 +55,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     else:
         manifest, root = cfg.data.manifest, cfg.data.root
     data = ingest(manifest, root, cfg.data, st)
+    _rename(f"{_slug(cfg.name)}-{data['data_hash'][:10]}")
     if data["n_quarantined"]:
         log.warning("set aside %d rows in quarantine (%s): see %s", data["n_quarantined"],
                     data["quarantine_reasons"], data["quarantine_key"])
@@ -53,7 +69,6 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
     sizes = sorted({cfg.classifier.image_size, ref_size, *(n for s in cfg.synthesizers for n in s.image_sizes())})
     packs = _submit(pack_shard, [(data["data_hash"], i, data["n_shards"], s, st)
                                  for s in sizes for i in range(data["n_shards"])], rt.workers)
-    wait(packs)
     for p in packs:
         p.result()
 
@@ -70,8 +85,8 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
             refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, context, st, rt)
         if get_synthesizer(syn.kind).image_conditioned:  # how far S moves images off their source's label
             drifts[syn.label] = drift(data, models[syn.label], syn, ref, st, rt)
-        futures = _submit(generate, [(models[syn.label], spec, syn, st, rt) for spec in specs], rt.workers)
-        wait(futures)
+        futures = _submit(generate, [(models[syn.label], spec, syn, st, rt) for spec in specs], rt.workers,
+                          progress=f"generation-{syn.label}", stage="generation", runtime=rt)
         shards[syn.label] = []
         for spec, fut in zip(specs, futures):
             if fut.state.is_completed():
@@ -97,8 +112,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
         synthetic = synthetic_for(alloc, shards.get(label, [])) if label else {}
         arm = ratio if label is None else f"{label} {ratio}"
         calls += [(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt) for seed in cfg.sweep.seeds]
-    runs = _submit(train_evaluate, calls, rt.workers)
-    wait(runs)
+    runs = _submit(train_evaluate, calls, rt.workers, progress="sweep", stage="sweep", runtime=rt)
     results = [r.result() for r in runs]
 
     summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan,
@@ -106,6 +120,7 @@ def pipeline(config: dict[str, Any]) -> dict[str, Any]:
                "shards": {k: [s.model_dump(mode="json") for s in v] for k, v in shards.items()},
                "reference": ref, "faithfulness": faith, "drift": drifts, "runs": results}
     written = report(summary, st)
+    publish(written, cfg.name, st)  # artifacts on every run, cache hits included
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
 
@@ -114,32 +129,84 @@ def _filtered(syn: Any, model: Any, done: list[Any], data: dict[str, Any], ref: 
               cfg: RunConfig, filter_: Any, top_up_plan: Any, generate: Any) -> list[Any]:
     """Filter a synthesizer's shards, then top up the combinations left short, for a few rounds."""
     st, rt, fc = cfg.storage, cfg.runtime, cfg.filters
-    kept = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in done], rt.workers)]
+    kept = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in done], rt.workers,
+                                        stage="filter", runtime=rt)]
     for round_ in range(fc.rounds):
         specs = top_up_plan(data, syn, plan["need"], kept, fc, cfg.generation.shard_size, cfg.generation.seed,
                             round_, st)
         if not specs:
             break
-        new = [f.result() for f in _submit(generate, [(model, s, syn, st, rt) for s in specs], rt.workers)]
-        new = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in new], rt.workers)]
+        new = [f.result() for f in _submit(generate, [(model, s, syn, st, rt) for s in specs], rt.workers,
+                                           stage="generation", runtime=rt)]
+        new = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in new], rt.workers,
+                                           stage="filter", runtime=rt)]
         by_place = {(tuple(s.combo), s.start): s for s in kept}
         by_place.update({(tuple(s.combo), s.start): s for s in new})  # a grown shard replaces itself
         kept = list(by_place.values())
     return kept
 
 
-def _submit(task: Any, calls: list[tuple], workers: int) -> list[Any]:
-    """Submit ``task`` once per argument tuple with at most ``workers`` runs in flight (oldest first).
+def _submit(task: Any, calls: list[tuple], workers: int, *, progress: str | None = None, stage: str | None = None,
+            runtime: Any = None) -> list[Any]:
+    """Submit ``task`` once per argument tuple with at most ``workers`` runs in flight (oldest first),
+    and wait for all of them.
 
     The limit is applied here, in the flow, rather than by the flow's task runner, so that it holds
     however the flow is started (CLI, a served deployment that loads it from its entrypoint, tests).
+    ``progress`` names a progress artifact updated as runs finish; ``stage`` lets the engine annotate
+    the runs (on Dask, one GPU per generation shard).
     """
+    import contextlib
+
+    annotate = contextlib.nullcontext()
+    if stage and runtime is not None and getattr(runtime, "engine", "threads") != "threads":
+        from flows import engine
+
+        annotate = engine.annotate(runtime, stage)
+    bar = create_progress_artifact(0.0, key=_slug(progress), description=f"{progress}: 0/{len(calls)}") \
+        if progress and calls else None
     futures: list[Any] = []
-    for args in calls:
-        if len(futures) >= workers:
-            futures[len(futures) - workers].wait()
-        futures.append(task.submit(*args))
+    finished = 0
+
+    def advance(upto: int) -> None:
+        nonlocal finished
+        for f in futures[finished:upto]:
+            f.wait()
+        if bar is not None and upto > finished:
+            update_progress_artifact(bar, 100.0 * upto / len(calls), description=f"{progress}: {upto}/{len(calls)}")
+        finished = max(finished, upto)
+
+    with annotate:
+        for args in calls:
+            if len(futures) >= workers:
+                advance(len(futures) - workers + 1)
+            futures.append(task.submit(*args))
+    advance(len(futures))
     return futures
+
+
+def run_name(cfg: RunConfig) -> str:
+    from porcelain.hashing import stable_hash
+
+    return f"{_slug(cfg.name)}-{stable_hash(cfg.model_dump(mode='json'))[:8]}"
+
+
+def _rename(name: str) -> None:
+    """Name the flow run after what it ran: the config's name and the data's content hash."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.id
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run_id, name=name)
+
+
+def _current_task_runner() -> Any:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.task_runner if ctx else None
 
 
 def _task(name: str, runtime: Any, retry: dict[str, Any], results_at: Any) -> Any:

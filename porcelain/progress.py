@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("porcelain")
 
 ProgressFn = Callable[[int, int, dict], None]
+
+# Where else progress goes (e.g. a progress artifact in the Prefect UI), set by the caller of a stage.
+_also: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("porcelain_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_to(fn: ProgressFn) -> Iterator[None]:
+    """Within this block every :class:`LogProgress` line is also passed to ``fn(done, total, info)``."""
+    token = _also.set(fn)
+    try:
+        yield
+    finally:
+        _also.reset(token)
 
 
 class LogProgress:
@@ -31,6 +46,12 @@ class LogProgress:
         bar = "#" * int(20 * done / total)
         self.log.info("%s [%-20s] %d/%d %3.0f%% %.0fs elapsed, eta %.0fs %s",
                       self.label, bar, done, total, 100 * done / total, elapsed, eta, extra)
+        also = _also.get()
+        if also is not None:
+            try:
+                also(done, total, {"label": self.label, **(info or {})})
+            except Exception as e:  # showing progress must never fail the work
+                self.log.debug("progress report failed: %s", e)
 
 
 def null_progress(done: int, total: int, info: dict | None = None) -> None:

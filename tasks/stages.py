@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from porcelain.config import (
@@ -25,6 +26,7 @@ from porcelain.evaluate.reference import train_reference
 from porcelain.generate.shards import generate_shard
 from porcelain.generate.targeting import plan_generation
 from porcelain.report.build import build_report
+from porcelain.report.publish import artifact_key, published_report
 from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
 from porcelain.synthesizers import SynthesizerConfig
@@ -34,6 +36,7 @@ from porcelain.synthesizers.drift import measure_drift
 from porcelain.synthesizers.prepare import prepare_synthesizer
 from porcelain.train.sweep import train_and_evaluate
 from tasks.policy import TASK_DEFAULTS, content_cache_key
+from tasks.progress import progress_artifact
 
 
 def _store(storage: StorageConfig) -> Store:
@@ -72,7 +75,8 @@ def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, stora
 @task(name="prepare-synthesizer", task_run_name="prepare-{cfg.label}", **TASK_DEFAULTS)
 def prepare(data: dict[str, Any], cfg: SynthesizerConfig, context: dict[str, Any] | None, storage: StorageConfig,
             runtime: RuntimeConfig) -> ModelRef:
-    return prepare_synthesizer(_store(storage), data, cfg, runtime, context)
+    with progress_artifact(f"prepare-{cfg.label}"):
+        return prepare_synthesizer(_store(storage), data, cfg, runtime, context)
 
 
 @task(name="plan-generation", task_run_name="plan-generation", **TASK_DEFAULTS)
@@ -108,7 +112,8 @@ def top_up_plan(data: dict[str, Any], syn: SynthesizerConfig, need: list[list], 
 @task(name="reference-classifier", task_run_name="reference-classifier", **TASK_DEFAULTS)
 def reference(data: dict[str, Any], cfg: ReferenceConfig, image_size: int, storage: StorageConfig,
               runtime: RuntimeConfig) -> dict[str, Any]:
-    return train_reference(_store(storage), data, cfg, image_size, runtime)
+    with progress_artifact("reference-classifier"):
+        return train_reference(_store(storage), data, cfg, image_size, runtime)
 
 
 @task(name="label-faithfulness", task_run_name="label-faithfulness-{label}", **TASK_DEFAULTS)
@@ -126,6 +131,13 @@ def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[
 @task(name="report", task_run_name="report", **TASK_DEFAULTS)
 def report(summary: dict[str, Any], storage: StorageConfig) -> dict[str, Any]:
     out = build_report(_store(storage), summary)
-    create_markdown_artifact(out["markdown"], key="porcelain-report", description=out["uri"])
-    create_table_artifact(out["table"], key="porcelain-results", description="Test metrics per ratio and task")
-    return {k: out[k] for k in ("key", "report", "uri")}
+    return {k: out[k] for k in ("key", "report", "uri", "html")}
+
+
+@task(name="publish-report", task_run_name="publish-report", cache_policy=NO_CACHE, retries=2)
+def publish_report(written: dict[str, Any], name: str, storage: StorageConfig) -> None:
+    """The report and its table as artifacts of this run, also when the report itself was cached."""
+    markdown, table = published_report(_store(storage), written)
+    create_markdown_artifact(markdown, key=artifact_key(name, "report"), description=written["uri"])
+    if table:
+        create_table_artifact(table, key=artifact_key(name, "results"), description="Test metrics per arm and task")

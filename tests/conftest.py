@@ -122,6 +122,9 @@ def tiny_run(prefect_harness, tmp_path_factory):
     """The whole flow once on a tiny config in a local store, shared by the flow and fault tests."""
     from tests.flowkit import run_flow, tiny_config
 
+    from tests.flowkit import LAST_RUN
+
     cfg = tiny_config(str(tmp_path_factory.mktemp("store") / "runs"))
     result, states = run_flow(cfg)
+    result = {**result, "flow_run_id": LAST_RUN["id"]}
     return cfg, result, states

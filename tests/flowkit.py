@@ -50,11 +50,15 @@ STAGE_FUNCTIONS = ("materialize_builtin", "ingest_dataset", "pack_data_shard", "
                    "plan_generation", "generate_shard", "measure_faithfulness", "measure_drift", "train_and_evaluate", "build_report")
 
 
+LAST_RUN: dict = {}  # the id of the flow run that run_flow ran last
+
+
 def run_flow(cfg_dict, expect_success: bool = True):
     from flows.cli import configured_flow
 
     cfg = config_from_dict(cfg_dict)
     state = configured_flow(cfg)(cfg.model_dump(mode="json"), return_state=True)  # as the CLI does
+    LAST_RUN["id"] = state.state_details.flow_run_id
     states = task_states(state.state_details.flow_run_id)
     if not expect_success:
         return state, states
@@ -62,3 +66,22 @@ def run_flow(cfg_dict, expect_success: bool = True):
     return state.result(), states
 
 
+
+
+def flow_run_record(flow_run_id) -> tuple[object, list]:
+    """The server's record of a flow run and the artifacts it created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import Artifact
+
+    async def read():
+        async with get_client() as client:
+            run = await client.read_flow_run(flow_run_id)
+            # (the client's read_artifacts sends null filters, which this server refuses; a task-run
+            # filter would drop the flow's own artifacts)
+            body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200, "sort": "CREATED_DESC"}
+            response = await client.request("POST", "/artifacts/filter", json=body)
+            response.raise_for_status()
+            arts = [Artifact.model_validate(a) for a in response.json()]
+            return run, arts
+
+    return asyncio.run(read())

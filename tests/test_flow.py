@@ -8,6 +8,7 @@ import pytest
 
 from porcelain.config import config_from_dict
 from porcelain.storage import Store
+from tests.flowkit import LAST_RUN, flow_run_record
 from tests.flowkit import run_flow as _run
 from tests.flowkit import tiny_config
 from tests.sd_fixtures import tiny_base  # noqa: F401  (a session fixture)
@@ -43,6 +44,13 @@ def test_flow_produces_report_and_metrics(first_run):
     assert {"synthesizer", "combination", "seed", "model_sha256", "steps", "guidance", "runtime"} <= set(doc["provenance"])
     assert doc["provenance"]["synthesizer"] == "closed_set"
     assert len(doc["images"]) == doc["provenance"]["count"] <= cfg["generation"]["shard_size"]
+    # the report beside it opens alone (figures embedded), and the UI followed the long stages
+    html = store.read_bytes(result["report"]["html"]).decode()
+    assert "<table" in html and "data:image/png;base64," in html
+    _, artifacts = flow_run_record(result["flow_run_id"])
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert {"reference-classifier", "prepare-closed-set", "generation-closed-set", "sweep"} <= set(progress), progress
+    assert all(float(v) == 100.0 for v in progress.values()), progress
 
 
 def test_sweep_runs_train_on_their_synthetic_images_for_equal_steps(first_run):
@@ -59,13 +67,27 @@ def test_sweep_runs_train_on_their_synthetic_images_for_equal_steps(first_run):
     assert "## Training budget" in md and "## Verdict" in md
 
 
-def test_second_run_executes_no_task_body(first_run, body_calls):
+def test_second_run_executes_no_task_body_and_still_shows_its_findings(first_run, body_calls):
     cfg, result, _ = first_run
     result2, states = _run(cfg)
     assert result2["report"] == result["report"]
     assert body_calls == []
+    publish = states.pop("publish-report")
     flat = [s for v in states.values() for s in v]
     assert flat and set(flat) == {"Cached"}, states
+    # the UI shows what this rerun ran and found: its name says the config and the data ...
+    run, artifacts = flow_run_record(LAST_RUN["id"])
+    assert publish == ["Completed"]
+    assert run.name == f"tiny-{result['data_hash'][:10]}"
+    # ... and a cached report is published again, with its figures embedded (no relative links)
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert {"tiny-report", "tiny-results"} <= set(by_key), sorted(by_key)
+    md = by_key["tiny-report"].data
+    assert "Does synthetic data help?" in md and "data:image/png;base64," in md
+    assert not re.search(r"!\[[^\]]*\]\((?!data:)", md)
+    rows = by_key["tiny-results"].data
+    rows = rows if isinstance(rows, list) else __import__("json").loads(rows)
+    assert {r["arm"] for r in rows} == {"100:0", "closed_set 80:20"}
 
 
 def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_calls):

@@ -23,6 +23,7 @@ from porcelain.results import ModelRef
 from porcelain.synthesizers import get as get_synthesizer
 from porcelain.versions import stage_identity
 from porcelain.report import plots
+from porcelain.report.html import render_html
 from porcelain.report.csvsafe import csv_safe, write_csv
 from porcelain.storage import Store
 
@@ -201,11 +202,15 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     buf = io.StringIO()
     write_csv(table, buf, fieldnames=list(table[0]))
     store.write_bytes(f"{base}/results.csv", buf.getvalue().encode())
+    store.write_json(f"{base}/table.json", {"rows": table})
 
     md = _markdown(summary, agg, figs, key)
     store.write_bytes(f"{base}/report.md", md.encode("utf-8"))
+    # one file to mail or open from the store: the same report with its figures embedded
+    store.write_bytes(f"{base}/report.html",
+                      render_html(md, figs, f"porcelain report — {cfg['name']}").encode("utf-8"))
     return {"key": base, "report": f"{base}/report.md", "uri": store.uri(f"{base}/report.md"),
-            "markdown": md, "table": table}
+            "html": f"{base}/report.html", "markdown": md, "table": table}
 
 
 def _short(verdict_text: str) -> str:

@@ -1,0 +1,33 @@
+"""What a run shows in the Prefect UI, read back from a written report (so that a cached report is
+shown again): the Markdown with its figures embedded, and the results table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from porcelain.storage import Store
+
+
+def published_report(store: Store, written: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """``(markdown with figures as data: URIs, rows of the results table)`` of a report written by
+    :func:`~porcelain.report.build.build_report` (``written`` is what it returned, or its cached copy)."""
+    from porcelain.report.html import inline_figures
+
+    base = written["key"]
+    md = store.read_bytes(written["report"]).decode("utf-8")
+    figures = {k.rsplit("/", 1)[-1]: store.read_bytes(k) for k in store.list(base) if k.endswith(".png")}
+    table = store.read_json(f"{base}/table.json")["rows"] if store.exists(f"{base}/table.json") else []
+    return inline_figures(md, figures), table
+
+
+def slug(text: str) -> str:
+    """Lowercase letters, digits and dashes: what Prefect allows in artifact keys."""
+    import re
+
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-") or "porcelain"
+
+
+def artifact_key(name: str, what: str) -> str:
+    """An artifact key for one config (``what`` of run ``name``), so the Artifacts page keeps one
+    history per config."""
+    return f"{slug(name)}-{what}"
