@@ -49,6 +49,20 @@ def _srcs(page: str) -> list[str]:
     return re.findall(r"""\bsrc\s*=\s*["']?([^"'\s>]+)""", page, flags=re.I)
 
 
+def _elements(page: str) -> list[tuple[str, dict[str, str]]]:
+    """Every start tag with its attributes, as an HTML parser reads the page."""
+    from html.parser import HTMLParser
+
+    found: list[tuple[str, dict[str, str]]] = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.append((tag, dict(attrs)))
+
+    Collect(convert_charrefs=True).feed(page)
+    return found
+
+
 # ---------------------------------------------------------------- converter, on constructed Markdown
 
 def test_labels_are_escaped_and_no_markup_gets_through():
@@ -73,6 +87,12 @@ def test_labels_are_escaped_and_no_markup_gets_through():
     assert "&quot;quote&quot; &amp; an ampersand" in page
     # the one <img> is the embedded figure, its alt text escaped inside the attribute
     assert page.count("<img ") == 1 and 'alt="&lt;script&gt;' in page
+    # as a parser reads it: no script element, no event handler, the only image is the data: figure
+    elements = _elements(page)
+    assert not [t for t, _ in elements if t in ("script", "iframe", "object", "embed", "link", "base")]
+    assert not [(t, a) for t, a in elements for k in a if k.startswith("on")]
+    assert [a["src"][:22] for t, a in elements if t == "img"] == ["data:image/png;base64,"]
+    assert [a["alt"] for t, a in elements if t == "img"] == [evil]
 
 
 def test_pipe_tables_become_html_tables():
