@@ -49,7 +49,7 @@ STAGES: dict[str, Stage] = {
     "shards": Stage("2", ("porcelain.generate.shards",), ("numpy", "pillow")),  # 2: shards grow in place
     "drift": Stage("1", ("porcelain.synthesizers.drift",), ML_LIBS),
     "filters": Stage("1", ("porcelain.filter.stage",), ML_LIBS),
-    "faithfulness": Stage("2", ("porcelain.evaluate.judging",), ML_LIBS),  # 2: reloaded reference in task order
+    "faithfulness": Stage("3", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS),  # 3: FID/KID per value with a real floor
     "sweep": Stage("1", ("porcelain.train.sweep",), ML_LIBS),
     "report": Stage("3", ("porcelain.report.build", "porcelain.report.html"), ("numpy", "matplotlib")),  # 3: report.html, table.json
 }

@@ -202,7 +202,12 @@ def test_closed_set_and_sd_lora_side_by_side_through_sweep_and_report(first_run,
           "lora": {"train_steps": 3, "batch_size": 2, "checkpoint_every": 2, "lr": 5e-2},
           "inference": {"steps": 3, "guidance": 3.0, "batch_size": 8}}
     both["synthesizers"] = [entry, sd]
+    # two shards at a time: they share one in-process diffusers pipeline, which is not thread-safe
+    # (without the kind's lock most shards failed this way)
+    both["runtime"]["workers"] = 2
     result, states = _run(both)
+    sd_runs = [s for name, s in states.items() if name.startswith("generate-sd-")]
+    assert len(sd_runs) >= 4 and all(s == ["Completed"] for s in sd_runs), sd_runs
     assert states["prepare-closed_set"] == ["Cached"] and states["prepare-sd"] == ["Completed"]
     assert states["train-100:0-seed0"] == ["Cached"] and states["train-sd 80:20-seed1"] == ["Completed"]
     store = Store(cfg["storage"]["url"])

@@ -125,6 +125,15 @@ def test_faithfulness_of_real_images_is_high_and_of_mislabelled_ones_low(real):
         wrong.append(_fake_shard(store, [(combo[0] + 1) % 10, combo[1], combo[2]], x[m][:6], start=200 + 10 * i))
     bad = measure_faithfulness(store, data, wrong, card, FaithfulnessConfig(), RT)
     assert bad["faithfulness"]["digit"]["share"] <= 0.2 and bad["passed"] is False
+    # set-level distance: a subset of the test split "generated" is nearer to the test split than the
+    # real train split is (the floor; the reference trained on val, so neither side was fitted);
+    # relabelled, each digit's images are another digit's: the per-value distances grow
+    q, qb = good["set_quality"], bad["set_quality"]
+    assert q["floor_pair"] == "train vs test" and "reference classifier" in q["extractor"]
+    assert 0 <= q["synthetic"]["overall"]["fid"] < q["floor"]["overall"]["fid"]
+    same = [d["fid"] for d in q["synthetic"]["per_value"]["digit"].values() if d["fid"] is not None]
+    moved = [d["fid"] for d in qb["synthetic"]["per_value"]["digit"].values() if d["fid"] is not None]
+    assert len(same) == len(moved) == 10 and np.median(moved) > 3 * np.median(same)
 
 
 def test_a_reference_trained_on_scrambled_labels_is_not_measurable(scrambled):

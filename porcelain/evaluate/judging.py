@@ -73,6 +73,34 @@ def memorisation(generated: np.ndarray, train: np.ndarray, test: np.ndarray) -> 
             "near_copy_share": float((g < threshold).mean()), "n_generated": int(len(g)), "n_test": int(len(r))}
 
 
+def set_quality(model: Any, data: dict[str, Any], synthetic: tuple[np.ndarray, np.ndarray],
+                test: tuple[np.ndarray, np.ndarray], floor: tuple[np.ndarray, np.ndarray], floor_split: str,
+                ) -> dict[str, Any]:
+    """FID and KID of the generated images against real test images, overall and per task value, in
+    the reference classifier's feature space, beside the same between two real splits (the floor:
+    what two samples of one distribution score at these sizes; FID is biased upwards at small n).
+
+    The floor pairs test with a split the reference did not train on, so that neither side of it
+    was fitted by the extractor."""
+    from porcelain.evaluate.fid import ClassifierFeatures, distribution_distances
+
+    tasks, classes = data["tasks"], data["classes"]
+
+    def named(y: np.ndarray) -> dict[str, list[str]]:
+        return {t: [classes[t][int(v)] for v in y[:, i]] for i, t in enumerate(tasks)}
+
+    extractor = ClassifierFeatures(model, name=f"reference classifier ({model.feature_dim}-d pooled features)")
+    (sx, sy), (tx, ty), (fx, fy) = synthetic, test, floor
+
+    def as_dicts(d: dict[str, Any]) -> dict[str, Any]:
+        return {"overall": d["overall"].as_dict(),
+                "per_value": {t: {v: s.as_dict() for v, s in vals.items()} for t, vals in d["per_value"].items()}}
+
+    return {"extractor": extractor.name, "real": "test", "floor_pair": f"{floor_split} vs test",
+            "synthetic": as_dicts(distribution_distances(extractor, tx, named(ty), sx, named(sy))),
+            "floor": as_dicts(distribution_distances(extractor, tx, named(ty), fx, named(fy)))}
+
+
 def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], reference: dict[str, Any],
                          cfg: FaithfulnessConfig, runtime: RuntimeConfig) -> dict[str, Any]:
     """Label faithfulness and memorisation of the images in ``shards`` (one synthesizer's)."""
@@ -105,8 +133,11 @@ def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], 
         if m.any():
             by_rarity[name] = {"n": int(m.sum()),
                                "faithfulness": agreement([p[m] for p in pred], syn_y[m], tasks)}
-    test_x, _ = load_split(store, data["data_hash"], size, data["n_shards"], "test")
+    test_x, test_y = load_split(store, data["data_hash"], size, data["n_shards"], "test")
     measurable = [t for t in tasks if judge[t]["usable"]]
+    floor_split = "val" if reference.get("trained_on") == "train" else "train"
+    floor_x, floor_y = (train_x, train_y) if floor_split == "train" else \
+        load_split(store, data["data_hash"], size, data["n_shards"], "val")
     return {
         "n_images": int(len(syn_x)),
         "faithfulness": faith,
@@ -114,6 +145,7 @@ def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], 
         "judge": judge,
         "reference": {k: reference[k] for k in ("key", "architecture", "trained_on", "floor", "selected_step")},
         "memorisation": memorisation(syn_x, train_x, test_x),
+        "set_quality": set_quality(model, data, (syn_x, syn_y), (test_x, test_y), (floor_x, floor_y), floor_split),
         "threshold": cfg.threshold,
         "meets_target": {t: faith[t]["share"] >= cfg.threshold for t in measurable},
         # None when some task cannot be judged: no overall pass is claimed from what was not measured.

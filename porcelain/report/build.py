@@ -213,6 +213,12 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
             "html": f"{base}/report.html", "markdown": md, "table": table}
 
 
+def _cell(value: Any) -> str:
+    """A value from user data in the report: spreadsheet formulas defused, and ``|`` escaped so that a
+    label holding one keeps its table intact."""
+    return csv_safe(value).replace("|", "\\|")
+
+
 def _short(verdict_text: str) -> str:
     return "(not compared)" if verdict_text.startswith("not compared") else f"({verdict_text})"
 
@@ -267,7 +273,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
     _, ratios = arms_of(runs)
     others = [r for r in ratios if r != base]
     mixes = [r for r in cfg["sweep"]["ratios"] if parse_ratio(r) > 0]
-    e = csv_safe  # every value that came from user data is escaped
+    e = _cell  # every value that came from user data is escaped
     L: list[str] = [f"# porcelain report — {e(cfg['name'])}", ""]
 
     # First lines: what a reader must know before any number.
@@ -484,4 +490,28 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
               "well below 1 means the generator reproduces its training images). "
               f"{mem['near_copy_share']:.1%} of generated images are closer to a train image than 99% of real test "
               f"images are (distance < {mem['copy_threshold']:.3f}).", ""]
+    q = faith.get("set_quality")
+    if q:
+        L += _set_quality_section(q, tasks, e)
+    return L
+
+
+def _set_quality_section(q: dict[str, Any], tasks: list[str], e) -> list[str]:
+    def cell(d: dict[str, Any]) -> str:
+        if d.get("fid") is None:
+            return f"n/a (n={d['n_synthetic']})"
+        return f"{d['fid']:.2f} / {1e3 * d['kid_mean']:.2f} (n={d['n_synthetic']})"
+
+    syn, floor = q["synthetic"], q["floor"]
+    L = ["#### Set-level distance (FID / KID×10³)", "",
+         f"Generated images against real test images in the feature space of the {e(q['extractor'])}; numbers "
+         "from another extractor (e.g. Inception) are not comparable with these. The floor is two real splits "
+         f"({q['floor_pair']}) at their own sizes: a generator as good as real data scores near it, not near 0.", "",
+         "| set | generated vs test | floor (real vs real) |", "|---|---|---|",
+         f"| all | {cell(syn['overall'])} | {cell(floor['overall'])} |"]
+    for t in tasks:
+        for v, d in syn["per_value"].get(t, {}).items():
+            f = floor["per_value"].get(t, {}).get(v)
+            L.append(f"| {e(t)} = {e(v)} | {cell(d)} | {cell(f) if f else 'n/a'} |")
+    L.append("")
     return L
