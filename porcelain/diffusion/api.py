@@ -42,8 +42,8 @@ from .txt2img import generate
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-__all__ = ["REF_FORMAT", "clear_pipeline_cache", "data_hash", "generate_sd_images", "load_trained_pipeline",
-           "train_sd_lora"]
+__all__ = ["REF_FORMAT", "cached_pipeline", "clear_pipeline_cache", "data_hash", "generate_sd_images",
+           "label_prompts", "load_trained_pipeline", "train_sd_lora"]
 
 log = logging.getLogger("porcelain")
 
@@ -179,21 +179,24 @@ def _cached_pipeline(store: Store, ref: dict, cfg: SdLoraSettings, device: str, 
     return pipe
 
 
-def generate_sd_images(store: Store, ref: dict, labels: list[dict[str, str]], seeds: list[int],
-                       cfg: SdLoraSettings, *, device: str = "auto", dtype: str = "auto",
-                       ) -> tuple[list[np.ndarray], list[dict]]:
-    """Images (uint8 HWC at cfg.resolution) and per-image provenance (prompt, negative prompt, seed,
-    lora_scale, adapter weights, steps, guidance).
+def cached_pipeline(store: Store, ref: dict, cfg: SdLoraSettings, *, device: str = "auto",
+                    dtype: str = "auto") -> "StableDiffusionPipeline":
+    """The pipeline of ``ref`` with its weights loaded, cached in-process (the one
+    :func:`generate_sd_images` uses; img2img refinement shares it)."""
+    return _cached_pipeline(store, ref, parse_settings(cfg), device, dtype)
 
-    Adapter weights come from ``cfg.adapters`` (each adapter's ``weight``), or 1 for the single
-    adapter. The prompts use the inference template (``prompts.template`` or the vocabulary's) and
-    the class tokens the weights were trained with.
+
+def label_prompts(ref: dict, cfg: SdLoraSettings, labels: list[dict[str, str]],
+                  ) -> tuple[list[str], str, dict[str, float], str]:
+    """What :func:`generate_sd_images` prompts ``labels`` with: (one prompt per label dict, the
+    negative prompt, ``{adapter: weight}``, the class-token mode of ``ref``).
+
+    The prompts use the inference template (``prompts.template`` or the vocabulary's) and the class
+    tokens the weights were trained with; adapter weights come from ``cfg.adapters`` (each
+    adapter's ``weight``), or 1 for the single adapter.
     """
     cfg = parse_settings(cfg)
-    if len(labels) != len(seeds):
-        raise ConfigError(f"generate_sd_images: {len(labels)} label dicts for {len(seeds)} seeds")
     vocab = load_vocabulary(cfg.prompts.vocabulary)
-    pipe = _cached_pipeline(store, ref, cfg, device, dtype)
     loras = [n for n, w in ref["weights"].items() if w["kind"] == "lora"]
     if cfg.adapters:
         weights = {a.name: float(a.weight) for a in cfg.adapters}
@@ -212,6 +215,22 @@ def generate_sd_images(store: Store, ref: dict, labels: list[dict[str, str]], se
             log.warning("SD LoRA: class tokens %s were not learned (no training image); they are plain text",
                         unseen[:5])
     negative = cfg.prompts.negative_prompt if cfg.prompts.negative_prompt is not None else vocab.negative_prompt
+    return prompts, negative, weights, mode
+
+
+def generate_sd_images(store: Store, ref: dict, labels: list[dict[str, str]], seeds: list[int],
+                       cfg: SdLoraSettings, *, device: str = "auto", dtype: str = "auto",
+                       ) -> tuple[list[np.ndarray], list[dict]]:
+    """Images (uint8 HWC at cfg.resolution) and per-image provenance (prompt, negative prompt, seed,
+    lora_scale, adapter weights, steps, guidance).
+
+    Prompts, negative prompt and adapter weights are :func:`label_prompts`'.
+    """
+    cfg = parse_settings(cfg)
+    if len(labels) != len(seeds):
+        raise ConfigError(f"generate_sd_images: {len(labels)} label dicts for {len(seeds)} seeds")
+    pipe = _cached_pipeline(store, ref, cfg, device, dtype)
+    prompts, negative, weights, mode = label_prompts(ref, cfg, labels)
     inf = cfg.inference
     images = generate(pipe, prompts, seeds, negative_prompt=negative, steps=inf.steps, guidance=inf.guidance,
                       batch_size=inf.batch_size, lora_scale=inf.lora_scale, adapter_weights=weights,
