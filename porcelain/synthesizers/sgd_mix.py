@@ -4,8 +4,12 @@ For each synthetic image of a label combination: a real train image of that comb
 source; among ``candidates`` other train images (seeded), the one whose normalised saliency map is
 nearest in L2 is the target; the source's foreground (Otsu mask of its saliency) united with the
 target's is kept from the source, the rest is the target's background; then img2img at ``strength``
-with the source's labels harmonises the seam. The label is the source's. On CPU the refiner is the
-closed-set generator (trained once, shared with a ``closed_set`` entry of equal ``generator:``).
+with the source's labels harmonises the seam. The label is the source's. The refiner is the
+closed-set generator by default (trained once, shared with a ``closed_set`` entry of equal
+``generator:``; CPU-sized), or with ``refiner: sd_lora`` Stable Diffusion + LoRA of ``sd:`` (trained
+once, shared with an ``sd_lora`` entry of equal settings), prompted with the source's labels as the
+``sd_lora`` kind prompts them: its template, and with ``class_tokens`` the learned
+"[v_i] [metaclass]" class tokens (:mod:`porcelain.diffusion.img2img`).
 
 Saliency is Grad-CAM on the stored reference classifier (default) or spectral residual (no
 classifier); maps are stored once per (data, reference weights, method) and reused by every run.
@@ -34,13 +38,14 @@ from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
 from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, SynthesizerConfig
-from porcelain.synthesizers.closed_set import ClosedSetConfig
 from porcelain.synthesizers.drift import DriftSettings
-from porcelain.synthesizers.sources import ImageConditioned, source_rows
+from porcelain.synthesizers.sd_lora import image_seed
+from porcelain.synthesizers.sources import ImageConditioned, RefinerSettings, source_rows
 
 
-class SgdMixConfig(SynthesizerConfig, DriftSettings):
-    """``{kind: sgd_mix, strength: 0.5, saliency: gradcam, candidates: 30, generator: {...}, sampling: {...}}``."""
+class SgdMixConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
+    """``{kind: sgd_mix, strength: 0.5, saliency: gradcam, candidates: 30, generator: {...}, sampling: {...}}``,
+    or with ``refiner: sd_lora`` an ``sd: {base: ..., ...}`` block instead of ``generator``/``sampling``."""
 
     kind: Literal["sgd_mix"] = "sgd_mix"
     strength: float = Field(0.5, ge=0.0, le=1.0, description=(
@@ -54,24 +59,19 @@ class SgdMixConfig(SynthesizerConfig, DriftSettings):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="The closed-set refiner.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Refiner sampling (steps, guidance).")
 
-    def refiner(self) -> ClosedSetConfig:
-        return ClosedSetConfig(generator=self.generator, sampling=self.sampling)
-
     def prepare_identity(self) -> dict[str, Any]:
-        return {"kind": self.kind, "refiner": self.refiner().prepare_identity(), "saliency": self.saliency,
+        return {"kind": self.kind, "refiner": self.refiner_config().prepare_identity(), "saliency": self.saliency,
                 "saliency_task": self.saliency_task}
 
     def identity(self) -> dict[str, Any]:
         return {**self.prepare_identity(), "strength": self.strength, "candidates": self.candidates,
-                "sampling": self.sampling.model_dump(mode="json", exclude={"batch_size"})}
+                **self.sampling_identity()}
 
     def image_sizes(self) -> list[int]:
-        return [self.generator.resolution]
+        return [self.resolution]
 
 
-def _image_seed(seed: int, index: int) -> int:
-    h = hashlib.sha256(f"{seed}|{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+_image_seed = image_seed  # image i's seed from (seed, i): its target draw, and its noise on the SD refiner
 
 
 def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
 def saliency_maps(store: Store, data: dict[str, Any], cfg: SgdMixConfig, reference: dict[str, Any] | None,
                   runtime: RuntimeConfig) -> tuple[FileRef, float]:
     """The train images' saliency maps at the refiner's resolution, stored once; (file, seconds)."""
-    size = cfg.generator.resolution
+    size = cfg.resolution
     ident = {"data": data["data_hash"], "method": cfg.saliency, "task": cfg.saliency_task, "size": size,
              "reference": reference["weights_sha256"] if cfg.saliency == "gradcam" else None}
     key = f"saliency/{stable_hash(ident, 24)}.safetensors"
@@ -131,17 +131,18 @@ class SgdMix(ImageConditioned):
 
     def prepare(self, store: Store, data: dict[str, Any], cfg: SgdMixConfig, runtime: RuntimeConfig,
                 context: dict[str, Any] | None = None) -> ModelRef:
-        """The refiner (the closed-set generator, cached like a closed_set entry) and the saliency maps."""
+        """The refiner (cached like a closed_set or sd_lora entry of its settings) and the saliency maps."""
         apply_runtime(runtime)
-        refiner = get("closed_set").prepare(store, data, cfg.refiner(), runtime)
+        refiner = self.prepare_refiner(store, data, cfg, runtime)
         reference = (context or {}).get("reference")
         maps, seconds = saliency_maps(store, data, cfg, reference, runtime)
-        return self.model_ref(refiner, data, "saliency", maps, saliency_seconds=round(seconds, 2))
+        extra = {"resolution": cfg.resolution} if cfg.refiner == "sd_lora" else {}
+        return self.model_ref(refiner, data, "saliency", maps, saliency_seconds=round(seconds, 2), **extra)
 
     def augment(self, store: Store, ref: ModelRef, cfg: SgdMixConfig, src: np.ndarray, *, seed: int, first_index: int,
                 strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
         """Mix and refine the train images at rows ``src``: (images, provenance, intermediates for the audit grid)."""
-        h, size = ref.meta["data_hash"], cfg.generator.resolution
+        h, size = ref.meta["data_hash"], cfg.resolution
         images, labels = load_split(store, h, size, ref.meta["n_shards"], "train")
         ids = split_ids(store, h, "train")
         f = ref.files["saliency"]
@@ -152,13 +153,19 @@ class SgdMix(ImageConditioned):
                               for j, i in enumerate(src)], dtype=np.int64)
         masks = np.stack([union_mask(foreground_mask(maps[i]), foreground_mask(maps[t])) for i, t in zip(src, targets)])
         mixed = mix(images[src], images[targets], masks)
-        model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
-        s = cfg.sampling
-        out = img2img(model, mixed, labels[src], strength=strength, steps=s.steps, guidance=s.guidance,
-                      seed=seed, first_index=first_index, batch_size=s.batch_size, device=runtime.device,
-                      dtype=runtime.dtype)
         prov = [{"source": ids[i], "target": ids[t], "mask_area": round(float(m.mean()), 4), "strength": strength,
                  "index": first_index + j} for j, (i, t, m) in enumerate(zip(src, targets, masks))]
+        if cfg.refiner == "sd_lora":
+            seeds = [_image_seed(seed, first_index + j) for j in range(len(src))]
+            out, refined = self.refine_sd(store, ref, cfg, mixed, labels[src], seeds, strength=strength,
+                                          runtime=runtime)
+            prov = [{**p, **r} for p, r in zip(prov, refined)]
+        else:
+            model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
+            s = cfg.sampling
+            out = img2img(model, mixed, labels[src], strength=strength, steps=s.steps, guidance=s.guidance,
+                          seed=seed, first_index=first_index, batch_size=s.batch_size, device=runtime.device,
+                          dtype=runtime.dtype)
         steps = {"source": images[src], "saliency": maps[src], "mask": masks, "target": images[targets],
                  "mix": mixed, "refined": out}
         return out, prov, steps
@@ -168,13 +175,25 @@ class SgdMix(ImageConditioned):
         src = source_rows(store, ref.meta["data_hash"], spec)
         out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
                                     strength=cfg.strength, runtime=runtime)
-        return Generated(images=list(out), provenance=prov, shard={
-            "refiner_sha256": ref.files["weights"].sha256, "saliency": cfg.saliency, "strength": cfg.strength,
-            "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance})
+        if cfg.refiner == "sd_lora":
+            inf = cfg.sd.inference
+            shard = {**self.refiner_shard(ref, cfg), "saliency": cfg.saliency, "strength": cfg.strength,
+                     "steps": inf.steps, "guidance": inf.guidance, "lora_scale": inf.lora_scale}
+        else:
+            shard = {**self.refiner_shard(ref, cfg), "saliency": cfg.saliency, "strength": cfg.strength,
+                     "steps": cfg.sampling.steps, "guidance": cfg.sampling.guidance}
+        return Generated(images=list(out), provenance=prov, shard=shard)
 
     def describe(self, ref: ModelRef, cfg: SgdMixConfig) -> list[str]:
-        return [f"- sources: real train images of each targeted combination; targets: the nearest of {cfg.candidates} "
-                f"candidates by {cfg.saliency} saliency (maps took {ref.meta.get('saliency_seconds')} s); union of the "
-                "two Otsu foreground masks kept from the source; label = the source's",
-                f"- refined by img2img at strength {cfg.strength} with the closed-set generator ({ref.meta['steps']} "
-                f"steps at {cfg.generator.resolution} px), DDIM {cfg.sampling.steps} steps, guidance {cfg.sampling.guidance}"]
+        lines = [f"- sources: real train images of each targeted combination; targets: the nearest of {cfg.candidates} "
+                 f"candidates by {cfg.saliency} saliency (maps took {ref.meta.get('saliency_seconds')} s); union of "
+                 "the two Otsu foreground masks kept from the source; label = the source's"]
+        if cfg.refiner == "sd_lora":
+            sd, inf = cfg.sd, cfg.sd.inference
+            return [*lines, f"- refined by img2img at strength {cfg.strength} with Stable Diffusion `{sd.base_id}` + "
+                    f"LoRA ({ref.meta['steps']} training steps at {sd.resolution} px, class tokens: {sd.class_tokens}), "
+                    f"prompted with the source's labels; DDIM {inf.steps} steps, guidance {inf.guidance}, LoRA scale "
+                    f"{inf.lora_scale}; every image's prompt and seed are in its shard's provenance"]
+        return [*lines, f"- refined by img2img at strength {cfg.strength} with the closed-set generator "
+                f"({ref.meta['steps']} steps at {cfg.generator.resolution} px), DDIM {cfg.sampling.steps} steps, "
+                f"guidance {cfg.sampling.guidance}"]

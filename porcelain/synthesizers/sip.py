@@ -10,10 +10,19 @@ atypical of their class, weak for typical ones (the paper gives no formula; see
 :func:`porcelain.generate.img2img.guidance_from_similarity`). ``guidance: fixed`` uses
 ``sampling.guidance`` instead, for the comparison.
 
-On the closed-set generator (CPU), which has no text encoder, SIP reduces to label-conditioned
-SDEdit with the similarity-derived guidance: the captions and prompts are chosen and recorded in
-provenance but cannot steer the image. Without ``clip``, the guidance is fixed; without
-``captioner``, no captions are made.
+On the closed-set generator (CPU, the default refiner), which has no text encoder, SIP reduces to
+label-conditioned SDEdit with the similarity-derived guidance: the captions and prompts are chosen
+and recorded in provenance but cannot steer the image. With ``refiner: sd_lora`` (Stable Diffusion +
+LoRA of ``sd:``, trained once and shared with an ``sd_lora`` entry of equal settings) the prompt
+steers it: the label phrase is the ``sd_lora`` kind's prompt of the source's labels (its template,
+with class tokens when trained with them), repeated ``label_weight`` times, then the chosen caption
+(:func:`porcelain.diffusion.img2img.sd_prompts`); the CLIP similarity is still to the plain label
+phrase of ``vocabulary``. Without ``clip``, the guidance is fixed; without ``captioner``, no captions
+are made.
+
+The guidance range (``w_min``, ``w_max``) defaults per refiner (:data:`GUIDANCE_RANGE`): the
+closed-set generator was tuned at guidance ≈ 0.5, while Stable Diffusion's classifier-free guidance
+is off at ≤ 1 and usually run at 5–10.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import json
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split
@@ -35,13 +44,17 @@ from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
 from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, SynthesizerConfig
-from porcelain.synthesizers.closed_set import ClosedSetConfig
 from porcelain.synthesizers.drift import DriftSettings
-from porcelain.synthesizers.sources import ImageConditioned, source_rows
+from porcelain.synthesizers.sd_lora import image_seed
+from porcelain.synthesizers.sources import ImageConditioned, RefinerSettings, source_rows
+
+GUIDANCE_RANGE: dict[str, tuple[float, float]] = {"closed_set": (0.25, 1.5), "sd_lora": (4.0, 10.0)}
+"""Default (w_min, w_max) of the similarity-derived guidance, per refiner (a choice; the paper gives none)."""
 
 
-class SipConfig(SynthesizerConfig, DriftSettings):
-    """``{kind: sip, strength: 0.5, clip: local-dir:/models/clip, captioner: /models/blip, guidance: clip}``."""
+class SipConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
+    """``{kind: sip, strength: 0.5, clip: local-dir:/models/clip, captioner: /models/blip, guidance: clip}``,
+    or with ``refiner: sd_lora`` an ``sd: {base: ..., ...}`` block instead of ``generator``/``sampling``."""
 
     kind: Literal["sip"] = "sip"
     strength: float = Field(0.5, ge=0.0, le=1.0, description="img2img strength (noise rate) of the edit.")
@@ -54,9 +67,12 @@ class SipConfig(SynthesizerConfig, DriftSettings):
     vocabulary: str = Field("sample", description="Prompt vocabulary of the label phrase (as sd_lora's prompts).")
     label_weight: int = Field(2, ge=1, le=8, description="Times the label phrase is repeated in the prompt.")
     guidance: Literal["clip", "fixed"] = Field("clip", description=(
-        "clip: guidance from each source's CLIP similarity to its label phrase; fixed: sampling.guidance."))
-    w_min: float = Field(0.25, ge=0, le=20)
-    w_max: float = Field(1.5, ge=0, le=20)
+        "clip: guidance from each source's CLIP similarity to its label phrase; fixed: sampling.guidance "
+        "(sd.inference.guidance with refiner: sd_lora)."))
+    w_min: float | None = Field(None, ge=0, le=20, description=(
+        "Guidance of the most typical sources (default per refiner: 0.25 closed_set, 4 sd_lora)."))
+    w_max: float | None = Field(None, ge=0, le=20, description=(
+        "Guidance of the least typical sources (default per refiner: 1.5 closed_set, 10 sd_lora)."))
     sim_lo: float | None = Field(None, description="Similarity at or below which guidance is w_max "
                                  "(default: the 10th percentile of the train images' similarities).")
     sim_hi: float | None = Field(None, description="Similarity at or above which guidance is w_min "
@@ -64,23 +80,39 @@ class SipConfig(SynthesizerConfig, DriftSettings):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="The closed-set model edited with.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
-    def refiner(self) -> ClosedSetConfig:
-        return ClosedSetConfig(generator=self.generator, sampling=self.sampling)
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """(w_min, w_max): as set, else :data:`GUIDANCE_RANGE` of the refiner."""
+        lo, hi = GUIDANCE_RANGE[self.refiner]
+        return (lo if self.w_min is None else self.w_min), (hi if self.w_max is None else self.w_max)
+
+    @property
+    def fixed_guidance(self) -> float:
+        """The guidance of ``guidance: fixed`` (and of sources without a similarity)."""
+        return self.sd.inference.guidance if self.refiner == "sd_lora" else self.sampling.guidance  # type: ignore[union-attr]
+
+    @model_validator(mode="after")
+    def _range(self) -> "SipConfig":
+        lo, hi = self.guidance_range
+        if lo > hi:
+            raise ValueError(f"w_min ({lo}) must not exceed w_max ({hi})")
+        return self
 
     def prepare_identity(self) -> dict[str, Any]:
         from porcelain.diffusion.prompts import load_vocabulary, vocabulary_hash
 
-        return {"kind": self.kind, "refiner": self.refiner().prepare_identity(), "clip": _path_identity(self.clip),
-                "captioner": _path_identity(self.captioner), "n_beam": self.n_beam, "n_sample": self.n_sample,
-                "vocabulary": vocabulary_hash(load_vocabulary(self.vocabulary)), "label_weight": self.label_weight}
+        return {"kind": self.kind, "refiner": self.refiner_config().prepare_identity(),
+                "clip": _path_identity(self.clip), "captioner": _path_identity(self.captioner), "n_beam": self.n_beam,
+                "n_sample": self.n_sample, "vocabulary": vocabulary_hash(load_vocabulary(self.vocabulary)),
+                "label_weight": self.label_weight}
 
     def identity(self) -> dict[str, Any]:
+        w_min, w_max = self.guidance_range
         return {**self.prepare_identity(), **self.model_dump(mode="json", include={
-            "strength", "guidance", "w_min", "w_max", "sim_lo", "sim_hi"}),
-            "sampling": self.sampling.model_dump(mode="json", exclude={"batch_size"})}
+            "strength", "guidance", "sim_lo", "sim_hi"}), "w_min": w_min, "w_max": w_max, **self.sampling_identity()}
 
     def image_sizes(self) -> list[int]:
-        return [self.generator.resolution]
+        return [self.resolution]
 
 
 def _path_identity(path: str | None) -> Any:
@@ -108,7 +140,7 @@ def describe_train_images(store: Store, data: dict[str, Any], cfg: SipConfig, ru
     key = f"captions/{stable_hash({'data': data['data_hash'], **cfg.prepare_identity()}, 24)}.json"
     with store.lock(key):
         if not store.exists(key):
-            images, labels = load_split(store, data["data_hash"], cfg.generator.resolution, data["n_shards"], "train")
+            images, labels = load_split(store, data["data_hash"], cfg.resolution, data["n_shards"], "train")
             ids = split_ids(store, data["data_hash"], "train")
             vocab = load_vocabulary(cfg.vocabulary)
             phrases = [prompt_for({t: data["classes"][t][v] for t, v in zip(data["tasks"], row)}, vocab)
@@ -152,7 +184,7 @@ class Sip(ImageConditioned):
     def prepare(self, store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig,
                 context: dict[str, Any] | None = None) -> ModelRef:
         apply_runtime(runtime)
-        refiner = get("closed_set").prepare(store, data, cfg.refiner(), runtime)
+        refiner = self.prepare_refiner(store, data, cfg, runtime)
         described = describe_train_images(store, data, cfg, runtime)
         sims = np.array([r["similarity"] for r in store.read_json(described.key).values()], dtype=float)
         finite = sims[np.isfinite(sims)]
@@ -160,7 +192,8 @@ class Sip(ImageConditioned):
         hi = cfg.sim_hi if cfg.sim_hi is not None else (float(np.percentile(finite, 90)) if finite.size else None)
         if lo is not None and hi is not None and hi <= lo:
             hi = lo + 1e-6
-        return self.model_ref(refiner, data, "captions", described, sim_lo=lo, sim_hi=hi)
+        extra = {"resolution": cfg.resolution} if cfg.refiner == "sd_lora" else {}
+        return self.model_ref(refiner, data, "captions", described, sim_lo=lo, sim_hi=hi, **extra)
 
     def augment(self, store: Store, ref: ModelRef, cfg: SipConfig, src: np.ndarray, *, seed: int, first_index: int,
                 strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
@@ -168,19 +201,35 @@ class Sip(ImageConditioned):
         from porcelain.data.ingest import split_ids
 
         h = ref.meta["data_hash"]
-        images, labels = load_split(store, h, cfg.generator.resolution, ref.meta["n_shards"], "train")
+        images, labels = load_split(store, h, cfg.resolution, ref.meta["n_shards"], "train")
         ids = split_ids(store, h, "train")
         f = ref.files["captions"]
         rows = json.loads(store.read_verified(f.key, f.sha256))
+        w_min, w_max = cfg.guidance_range
+
+        def scale(r: dict[str, Any]) -> float:
+            if cfg.guidance == "clip" and ref.meta["sim_lo"] is not None and np.isfinite(r["similarity"]):
+                return float(guidance_from_similarity(r["similarity"], lo=ref.meta["sim_lo"], hi=ref.meta["sim_hi"],
+                                                      w_min=w_min, w_max=w_max))
+            return cfg.fixed_guidance
+
+        if cfg.refiner == "sd_lora":
+            chosen = [rows[ids[i]] for i in src]
+            seeds = [image_seed(seed, first_index + j) for j in range(len(src))]
+            out_a, refined = self.refine_sd(store, ref, cfg, images[src], labels[src], seeds, strength=strength,
+                                            guidance=[scale(r) for r in chosen],
+                                            captions=[r["caption"] for r in chosen], label_weight=cfg.label_weight,
+                                            runtime=runtime)
+            prov = [{"source": ids[i], **p, "caption": r["caption"], "similarity": r["similarity"],
+                     "index": first_index + j}
+                    for j, (i, r, p) in enumerate(zip(src, chosen, refined))]
+            return out_a, prov, {"source": images[src], "refined": out_a}
         model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
         s = cfg.sampling
         out, prov = [], []
         for j, i in enumerate(src):
             r = rows[ids[i]]
-            w = s.guidance
-            if cfg.guidance == "clip" and ref.meta["sim_lo"] is not None and np.isfinite(r["similarity"]):
-                w = float(guidance_from_similarity(r["similarity"], lo=ref.meta["sim_lo"], hi=ref.meta["sim_hi"],
-                                                   w_min=cfg.w_min, w_max=cfg.w_max))
+            w = scale(r)
             out.append(img2img(model, images[[i]], labels[[i]], strength=strength, steps=s.steps, guidance=w,
                                seed=seed, first_index=first_index + j, batch_size=1, device=runtime.device,
                                dtype=runtime.dtype)[0])
@@ -194,14 +243,25 @@ class Sip(ImageConditioned):
         src = source_rows(store, ref.meta["data_hash"], spec)
         out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
                                     strength=cfg.strength, runtime=runtime)
-        return Generated(images=list(out), provenance=prov, shard={"refiner_sha256": ref.files["weights"].sha256,
-                                                                   "strength": cfg.strength, "steps": cfg.sampling.steps,
+        steps = cfg.sd.inference.steps if cfg.refiner == "sd_lora" else cfg.sampling.steps
+        return Generated(images=list(out), provenance=prov, shard={**self.refiner_shard(ref, cfg),
+                                                                   "strength": cfg.strength, "steps": steps,
                                                                    "guidance_rule": cfg.guidance})
 
     def describe(self, ref: ModelRef, cfg: SipConfig) -> list[str]:
-        rule = (f"from each source's CLIP similarity to its label phrase, linear from w={cfg.w_max} at "
-                f"{ref.meta['sim_lo']} down to w={cfg.w_min} at {ref.meta['sim_hi']}"
-                if cfg.guidance == "clip" and ref.meta.get("sim_lo") is not None else f"fixed at {cfg.sampling.guidance}")
+        w_min, w_max = cfg.guidance_range
+        rule = (f"from each source's CLIP similarity to its label phrase, linear from w={w_max} at "
+                f"{ref.meta['sim_lo']} down to w={w_min} at {ref.meta['sim_hi']}"
+                if cfg.guidance == "clip" and ref.meta.get("sim_lo") is not None else f"fixed at {cfg.fixed_guidance}")
+        if cfg.refiner == "sd_lora":
+            sd = cfg.sd
+            return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with "
+                    f"Stable Diffusion `{sd.base_id}` + LoRA ({sd.resolution} px, DDIM {sd.inference.steps} steps, "
+                    f"LoRA scale {sd.inference.lora_scale}); guidance {rule}",
+                    f"- prompt: the source's label phrase (the sd_lora prompt, class tokens: {sd.class_tokens}) "
+                    f"{cfg.label_weight}× then the caption CLIP chose "
+                    f"({'BLIP ' + cfg.captioner if cfg.captioner else 'no captioner: the phrase alone'}); every "
+                    "image's prompt, guidance and seed are in its shard's provenance"]
         return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with the "
                 f"closed-set generator ({cfg.generator.resolution} px); guidance {rule}",
                 "- on the closed-set generator (no text encoder) SIP is label-conditioned SDEdit: captions "

@@ -1,12 +1,16 @@
-"""Source images for image-conditioned kinds: which real train image each synthetic image starts from."""
+"""Source images for image-conditioned kinds: which real train image each synthetic image starts from,
+and the refiner that edits them (:class:`RefinerSettings`: the closed-set generator, or Stable
+Diffusion + LoRA)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from porcelain.data.ingest import load_split, split_ids
+from porcelain.diffusion.settings import SdLoraSettings
 from porcelain.generate.plan import Combo, ShardSpec, plan_shards
 from porcelain.hashing import stable_hash
 from porcelain.results import FileRef, ModelRef
@@ -39,14 +43,113 @@ def source_rows(store: Store, data_hash: str, spec: ShardSpec) -> np.ndarray:
     return np.asarray([row[s] for s in spec.sources], dtype=np.int64)
 
 
+Refiner = Literal["closed_set", "sd_lora"]
+
+
+class RefinerSettings(BaseModel):
+    """Mixed into the configs of image-conditioned kinds (which also have ``generator:`` and ``sampling:``,
+    the closed-set refiner's): which diffusion model edits the real images.
+
+    ``refiner: closed_set`` (default): the closed-set generator of ``generator:``, trained once and
+    shared with a ``closed_set`` entry of equal ``generator:``; label-conditioned, no text encoder.
+    ``refiner: sd_lora``: Stable Diffusion + LoRA of ``sd:`` (the keys of an ``sd_lora`` entry: base,
+    resolution, prompts, lora, adapters, class_tokens, inference), trained once and shared with an
+    ``sd_lora`` entry of equal settings; its prompts (with class tokens) steer the edit.
+    """
+
+    refiner: Refiner = Field("closed_set", description=(
+        "The diffusion model that edits the real images: closed_set (the generator of `generator:`) or "
+        "sd_lora (Stable Diffusion + LoRA of `sd:`, which must name its `base`)."))
+    sd: SdLoraSettings | None = Field(None, validate_default=True, description=(
+        "With refiner: sd_lora, the Stable Diffusion + LoRA settings (those of an sd_lora entry; `base` "
+        "required); img2img uses sd.inference (steps, guidance, batch_size, lora_scale)."))
+
+    @field_validator("sd")
+    @classmethod
+    def _sd_with_its_refiner(cls, v: SdLoraSettings | None, info: ValidationInfo) -> SdLoraSettings | None:
+        refiner = info.data.get("refiner", "closed_set")
+        if refiner == "sd_lora" and (v is None or "base" not in v.model_fields_set):
+            raise ValueError("refiner: sd_lora needs `sd.base`: the Stable Diffusion model to refine with (a "
+                             "diffusers folder, a hub id in the local Hugging Face cache, sd21 or sd15), e.g. "
+                             "`sd: {base: /models/sd21-base}` (docs/SD_LORA.md)")
+        if refiner == "closed_set" and v is not None:
+            raise ValueError("`sd:` is read only with `refiner: sd_lora` (the default refiner, closed_set, is "
+                             "configured by `generator:` and `sampling:`)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _closed_set_keys_with_closed_set(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("refiner") == "sd_lora":
+            for key in ("generator", "sampling"):
+                if key in data:
+                    raise ValueError(f"`{key}:` configures the closed-set refiner; with `refiner: sd_lora` the "
+                                     "model is `sd:` and its sampling `sd.inference` (steps, guidance, batch_size)")
+        return data
+
+    @property
+    def resolution(self) -> int:
+        """Side (px) of the real images the refiner edits."""
+        return self.sd.resolution if self.sd is not None and self.refiner == "sd_lora" \
+            else self.generator.resolution  # type: ignore[attr-defined]
+
+    def refiner_config(self) -> Any:
+        """The refiner as a synthesizer config of its own kind: its prepare trains or finds it."""
+        if self.refiner == "sd_lora":
+            from porcelain.synthesizers.sd_lora import SdLoraConfig
+
+            return SdLoraConfig.model_validate(self.sd.model_dump(mode="json", exclude_unset=True))  # type: ignore[union-attr]
+        from porcelain.synthesizers.closed_set import ClosedSetConfig
+
+        return ClosedSetConfig(generator=self.generator, sampling=self.sampling)  # type: ignore[attr-defined]
+
+    def sampling_identity(self) -> dict[str, Any]:
+        """How the refiner samples (what the images depend on beyond the trained model)."""
+        if self.refiner == "sd_lora":
+            ident = self.refiner_config().identity()
+            return {"sd_sampling": {k: ident[k] for k in ("inference", "adapter_weights", "negative_prompt",
+                                                          "template")}}
+        return {"sampling": self.sampling.model_dump(mode="json", exclude={"batch_size"})}  # type: ignore[attr-defined]
+
+
 class ImageConditioned(Synthesizer):
-    """Shared by kinds that edit real train images with the closed-set generator (``cfg.generator``)."""
+    """Shared by kinds that edit real train images with a refiner (:class:`RefinerSettings`)."""
 
     image_conditioned = True
 
     def plan(self, store: Store, data: dict[str, Any], cfg: Any, need: dict[Combo, int], shard_size: int,
              seed: int) -> list[ShardSpec]:
-        return plan_with_sources(store, data, need, shard_size, seed, cfg.generator.resolution)
+        return plan_with_sources(store, data, need, shard_size, seed, cfg.resolution)
+
+    def prepare_refiner(self, store: Store, data: dict[str, Any], cfg: Any, runtime: Any) -> ModelRef:
+        """The refiner's model, prepared by its own kind (so equal settings share the training)."""
+        from porcelain.synthesizers import get
+
+        return get(cfg.refiner).prepare(store, data, cfg.refiner_config(), runtime)
+
+    def refine_sd(self, store: Store, ref: ModelRef, cfg: Any, images: np.ndarray, labels: np.ndarray,
+                  seeds: list[int], *, strength: float, guidance: Any = None, captions: list[str] | None = None,
+                  label_weight: int = 1, runtime: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """img2img of ``images`` (rows of ``labels``, int) with the SD refiner of ``ref``, taking turns with
+        the ``sd_lora`` kind's shards on the one loaded pipeline. Provenance also names the labels."""
+        from porcelain.diffusion.img2img import refine_sd_images
+        from porcelain.synthesizers.sd_lora import _PIPELINE_LOCK
+
+        tasks, classes = ref.meta["tasks"], ref.meta["classes"]
+        named = [{t: classes[t][int(v)] for t, v in zip(tasks, row)} for row in np.asarray(labels).tolist()]
+        with _PIPELINE_LOCK:
+            out, prov = refine_sd_images(store, ref.meta["ref"], cfg.sd, images, named, seeds, strength=strength,
+                                         guidance=guidance, captions=captions, label_weight=label_weight,
+                                         device=runtime.device, dtype=runtime.dtype)
+        return out, [{**p, "labels": lab} for p, lab in zip(prov, named)]
+
+    def refiner_shard(self, ref: ModelRef, cfg: Any) -> dict[str, Any]:
+        """Shard provenance naming the refiner's weights."""
+        if cfg.refiner == "sd_lora":
+            r = ref.meta["ref"]
+            return {"refiner": "sd_lora", "base_hash": r["base_hash"],
+                    "weights_sha256": {n: w["sha256"] for n, w in r["weights"].items()}}
+        return {"refiner_sha256": ref.files["weights"].sha256}
 
     def model_ref(self, refiner: ModelRef, data: dict[str, Any], name: str, file: FileRef, **meta: Any) -> ModelRef:
         """The kind's reference: the refiner's files plus its own stored ``file`` (saliency maps, captions)."""
