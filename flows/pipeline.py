@@ -112,6 +112,8 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
         synthetic = synthetic_for(alloc, shards.get(label, [])) if label else {}
         arm = ratio if label is None else f"{label} {ratio}"
         calls += [(data, ratio, seed, synthetic, cfg.classifier, label, arm, st, rt) for seed in cfg.sweep.seeds]
+    for f in cfg.sweep.real_fractions:  # the real learning curve of the equivalence scale
+        calls += [(data, base, seed, {}, cfg.classifier, None, f"real {f:.0%}", st, rt, f) for seed in cfg.sweep.seeds]
     runs = _submit(train_evaluate, calls, rt.workers, progress="sweep", stage="sweep", runtime=rt)
     results = [r.result() for r in runs]
 

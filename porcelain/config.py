@@ -232,6 +232,11 @@ class SweepConfig(_Model):
         None, description="Alternative to ratios for small real sets: synthetic images per real image "
         "(e.g. [0.5, 1, 2, 4]); written as ratios 1:0.5, 1:1, … beside the real-only baseline.")
     seeds: list[int] = [0, 1, 2]
+    real_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=list, description="The equivalence scale (how many synthetic images are worth one real "
+        "one): real-only runs on these shares of the real train images (each combination kept in proportion, at "
+        "least one image; a new subset per seed; the same optimizer steps as every other run), e.g. [0.25, 0.5]. "
+        "The report fits their learning curve against each synthesizer's ratio arms. Empty: off.")
     learned_margin: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1, description="A task whose real-only test macro-F1 is not at least this far above chance gets "
         "'classifier did not learn this task' instead of a verdict.")
@@ -263,6 +268,13 @@ class SweepConfig(_Model):
         if 0.0 not in seen:  # the baseline every verdict is measured against
             v = ["100:0", *v]
         return v
+
+    @field_validator("real_fractions")
+    @classmethod
+    def _check_fractions(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError("real_fractions must be distinct")
+        return sorted(v)
 
     @field_validator("seeds")
     @classmethod
@@ -355,6 +367,51 @@ class RuntimeConfig(_Model):
         "Stages to recompute although their results are cached (`porcelain run --refresh STAGE`): ingest, "
         "reference, synthesizer:<kind>, shards, sweep, report, … (`python -m porcelain.versions` lists them). "
         "What depends on them is recomputed only if their outputs changed."))
+    engine: Literal["threads", "dask"] = Field("threads", description=(
+        "Where a flow's generation, filter and sweep tasks run: threads of the flow's process, or a Dask "
+        "cluster (prefect-dask's DaskTaskRunner): the scheduler at dask_address, or a local cluster of "
+        "dask_workers processes. Outputs and cache keys are the same either way (docs/SCALE_OUT.md)."))
+    dask_address: str | None = Field(None, description=(
+        "engine dask: the address of a running Dask scheduler (tcp://host:8786); null starts a local cluster. "
+        "Its workers must import porcelain, reach the Prefect API and the store, and declare resources GPU=1 "
+        "per GPU when the run uses one (`dask worker ADDRESS --resources GPU=1`)."))
+    dask_workers: Annotated[int, Field(ge=1, le=256)] = Field(2, description=(
+        "engine dask, local cluster: worker processes. Set runtime.workers to dask_workers × "
+        "dask_threads_per_worker to keep them all busy (it caps the tasks in flight)."))
+    dask_threads_per_worker: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="engine dask, local cluster: tasks each worker process runs at once.")
+    gpus_per_worker: Annotated[int, Field(ge=0, le=16)] | None = Field(None, description=(
+        "engine dask, local cluster: GPUs each worker process holds (declared as its Dask resource GPU, and "
+        "given to it with CUDA_VISIBLE_DEVICES). null: 1 when the run uses a GPU (device cuda, or auto with "
+        "CUDA available), else 0. Every generation, filter and sweep task asks for GPU=1 when the run uses a "
+        "GPU, so each shard holds one GPU at a time; 0 with a GPU run would leave them waiting forever."))
+
+    @model_validator(mode="after")
+    def _engine_keys(self) -> RuntimeConfig:
+        # a key counts as given when it differs from its default: the flow re-reads the config's full dump
+        dask_keys = ("dask_address", "dask_workers", "dask_threads_per_worker", "gpus_per_worker")
+        if self.engine != "dask":
+            given = [k for k in dask_keys if getattr(self, k) != type(self).model_fields[k].default]
+            if given:
+                raise ValueError(f"runtime.{given[0]} applies to engine dask only: set `engine: dask` or "
+                                 f"delete `{given[0]}`")
+            return self
+        if self.dask_address is not None:
+            if not self.dask_address.strip() or any(c.isspace() for c in self.dask_address):
+                raise ValueError(f"runtime.dask_address {self.dask_address!r} is not a scheduler address "
+                                 "(e.g. tcp://10.0.0.5:8786); null starts a local cluster")
+            local = [k for k in dask_keys[1:] if getattr(self, k) != type(self).model_fields[k].default]
+            if local:
+                raise ValueError(f"runtime.{local[0]} sets up a local cluster, but dask_address names a running "
+                                 f"scheduler: size that cluster where it is started (`dask worker "
+                                 f"--nworkers/--nthreads/--resources GPU=1`) and delete `{local[0]}`")
+        if self.gpus_per_worker == 0 and self.device == "cuda" and self.dask_address is None:
+            raise ValueError("runtime.gpus_per_worker is 0 but device is cuda: the tasks would ask for a GPU "
+                             "that no local worker declares and wait forever; use 1 (or null)")
+        if self.gpus_per_worker and self.device in ("cpu", "mps"):
+            raise ValueError(f"runtime.gpus_per_worker is {self.gpus_per_worker} but device is {self.device}: "
+                             "GPUs are only given to workers of a CUDA run; set device cuda (or auto) or delete it")
+        return self
 
 
 class RunConfig(_Model):

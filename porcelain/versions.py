@@ -51,7 +51,8 @@ STAGES: dict[str, Stage] = {
     "filters": Stage("1", ("porcelain.filter.stage",), ML_LIBS),
     "faithfulness": Stage("3", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS),  # 3: FID/KID per value with a real floor
     "sweep": Stage("1", ("porcelain.train.sweep",), ML_LIBS),
-    "report": Stage("3", ("porcelain.report.build", "porcelain.report.html"), ("numpy", "matplotlib")),  # 3: report.html, table.json
+    "report": Stage("3", ("porcelain.report.build", "porcelain.report.html", "porcelain.evaluate.equivalence"),
+                    ("numpy", "matplotlib", "scipy")),  # 3: report.html, table.json, equivalence scale
 }
 
 

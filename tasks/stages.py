@@ -124,8 +124,10 @@ def faithfulness(data: dict[str, Any], shards: list[ShardRef], reference: dict[s
 
 @task(name="train-evaluate", task_run_name="train-{arm}-seed{seed}", **TASK_DEFAULTS)
 def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any], classifier: ClassifierConfig,
-                   synthesizer: str | None, arm: str, storage: StorageConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime, synthesizer)
+                   synthesizer: str | None, arm: str, storage: StorageConfig, runtime: RuntimeConfig,
+                   real_fraction: float = 1.0) -> dict[str, Any]:
+    return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime, synthesizer,
+                              real_fraction, arm)
 
 
 @task(name="report", task_run_name="report", **TASK_DEFAULTS)

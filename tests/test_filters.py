@@ -303,6 +303,41 @@ def test_equivalence_recovers_a_known_exchange_rate():
     assert hurt["synthetic_per_real"] == math.inf and hurt["real_equivalent"] < 0
 
 
+def test_equivalence_from_sweep_runs_recovers_the_rate_of_constructed_runs():
+    """Runs shaped as the sweep writes them: real-only on shares of the real set, the baseline, and a
+    synthesizer's arms on the full base; scores on a known curve with 3 synthetic = 1 real."""
+    from porcelain.evaluate.equivalence import scale_from_runs
+
+    curve = lambda n: 0.9 - 2.0 * np.power(n, -0.5)
+    k, n_base, runs = 3.0, 120, []
+    for seed in (0, 1, 2):
+        for frac in (0.25, 0.5, 1.0):
+            n = int(n_base * frac)
+            runs.append({"arm": "100:0" if frac == 1.0 else f"real {frac:.0%}", "ratio": "100:0", "seed": seed,
+                         "synthesizer": None, "real_fraction": frac, "n_real": n, "n_synthetic": 0,
+                         "metrics": {"per_task": {"t": {"macro_f1": float(curve(n))}}}})
+        for m in (60, 120, 240, 480):
+            runs.append({"arm": f"gen 1:{m / n_base:g}", "ratio": f"1:{m / n_base:g}", "seed": seed,
+                         "synthesizer": "gen", "real_fraction": 1.0, "n_real": n_base, "n_synthetic": m,
+                         "metrics": {"per_task": {"t": {"macro_f1": float(curve(n_base + m / k))}}}})
+    q = scale_from_runs(runs, ["t"], "100:0", n_boot=20)
+    assert q["n_base"] == n_base and q["real_sizes"] == [30, 60]
+    r = q["by"]["gen"]["t"]
+    assert r["synthetic_per_real"] == pytest.approx(k, rel=0.05) and r["real_curve"] in ("power", "log")
+    # without learning-curve runs there is nothing to fit, and the report is told why
+    assert "real_fractions" in scale_from_runs([x for x in runs if x["real_fraction"] == 1.0], ["t"], "100:0")["skipped"]
+
+
+def test_real_subset_keeps_every_combination_in_proportion():
+    from porcelain.train.sweep import real_subset
+
+    labels = np.array([[0, 0]] * 40 + [[1, 0]] * 8 + [[1, 1]] * 1)
+    keep = real_subset(labels, 0.25, seed=0)
+    combos = [tuple(r) for r in labels[keep].tolist()]
+    assert combos.count((0, 0)) == 10 and combos.count((1, 0)) == 2 and combos.count((1, 1)) == 1
+    assert (real_subset(labels, 0.25, seed=0) == keep).all() and not (real_subset(labels, 0.25, seed=1) == keep).all()
+
+
 def test_adaptive_weight_zero_when_val_delta_interval_below_zero():
     weights = synthetic_loss_weights({"hurts": (-0.04, -0.07, -0.01), "strong": (0.05, 0.02, 0.08),
                                       "helps": (0.01, 0.002, 0.02), "maybe": (0.01, -0.01, 0.03),

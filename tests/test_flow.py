@@ -109,6 +109,27 @@ def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_c
     assert grown and body_calls.count("generate_shard") == len([n for n in ran if n.startswith("generate-")])
 
 
+def test_real_fractions_add_learning_curve_runs_and_the_equivalence_scale(first_run, body_calls):
+    """sweep.real_fractions: real-only runs on half the real set (same steps), not verdict arms; the
+    report fits how many synthetic images are worth a real one. Everything else is cached."""
+    cfg, _, _ = first_run
+    eq = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1],
+                                                   "real_fractions": [0.5]})
+    result, states = _run(eq)
+    assert states["train-real 50%-seed0"] == ["Completed"] and states["train-100:0-seed0"] == ["Cached"]
+    assert body_calls.count("train_and_evaluate") == 2 and "prepare_synthesizer" not in body_calls
+    store = Store(cfg["storage"]["url"])
+    runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
+    half = [r for r in runs if r.get("real_fraction") == 0.5]
+    full = [r for r in runs if r["ratio"] == "100:0" and r.get("real_fraction", 1.0) == 1.0]
+    assert len(half) == 2 and {r["steps"] for r in half} == {r["steps"] for r in full}
+    assert all(r["n_real"] < full[0]["n_real"] for r in half)
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## How many synthetic images are worth one real image" in md
+    verdicts = md.split("## Which method helps which task", 1)[-1].split("\n## ", 1)[0]
+    assert "real 50%" not in verdicts  # a learning-curve point is not a method
+
+
 def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
     """runtime.workers = 2 (shards and sweep runs two at a time, sharing threads): same bytes, same metrics."""
     cfg, result, _ = first_run

@@ -222,3 +222,51 @@ def equivalence_scale(
                 for k, v in boots.items()}
     return {**point, "interval": interval, "confidence": confidence, "n_boot": n_boot, "n_boot_failed": failed,
             "n_base": int(n_base), "n_syn_max": int(m_max), "real_curve": real, "synthetic_curve": syn}
+
+
+def scale_from_runs(runs: Sequence[Mapping[str, Any]], tasks: Sequence[str], baseline_arm: str,
+                    metric: str = "macro_f1", n_boot: int = 500) -> dict[str, Any]:
+    """The equivalence scale per synthesizer and task from sweep runs (metrics on the real test split).
+
+    The real curve: the real-only runs on shares of the real train images (``real_fraction < 1``)
+    and the full real-only baseline. Each synthesizer's curve: the baseline (0 synthetic) and its
+    ratio arms (``n_synthetic`` on the full real base). Sizes are each run's own counts (the mean
+    over seeds). A synthesizer with fewer than one synthetic arm, or a curve missing a seed, is
+    skipped with the reason. Returns ``{"n_base", "real_sizes", "by": {synthesizer: {task: result |
+    {"skipped": why}}}}``, each result as :func:`equivalence_scale` gives it, curves as their kind.
+    """
+    def score(run: Mapping[str, Any], task: str) -> float:
+        return float(run["metrics"]["per_task"][task][metric])
+
+    base = [r for r in runs if (r.get("arm") or r["ratio"]) == baseline_arm]
+    curve = [r for r in runs if float(r.get("real_fraction", 1.0)) < 1.0]
+    out: dict[str, Any] = {"metric": metric, "by": {}}
+    if not base or not curve:
+        return {**out, "skipped": "no real-fraction runs (sweep.real_fractions)" if base else "no baseline"}
+    n_base = int(round(np.mean([r["n_real"] for r in base])))
+    groups: dict[float, list] = {}
+    for r in curve:
+        groups.setdefault(float(r["real_fraction"]), []).append(r)
+    out.update(n_base=n_base, real_sizes=sorted(int(round(np.mean([r["n_real"] for r in g]))) for g in groups.values()))
+    arms: dict[str, dict[str, list]] = {}
+    for r in runs:
+        if r.get("synthesizer") and float(r.get("real_fraction", 1.0)) >= 1.0:
+            arms.setdefault(r["synthesizer"], {}).setdefault(r.get("arm") or r["ratio"], []).append(r)
+    for syn, by_arm in arms.items():
+        out["by"][syn] = {}
+        for task in tasks:
+            real = {n_base: [score(r, task) for r in sorted(base, key=lambda r: r["seed"])]}
+            for g in groups.values():
+                real[int(round(np.mean([r["n_real"] for r in g])))] = [score(r, task) for r in sorted(g, key=lambda r: r["seed"])]
+            synthetic = {0: real[n_base]}
+            for g in by_arm.values():
+                synthetic[int(round(np.mean([r["n_synthetic"] for r in g])))] = \
+                    [score(r, task) for r in sorted(g, key=lambda r: r["seed"])]
+            try:
+                res = equivalence_scale(real, synthetic, n_base, n_boot=n_boot)
+            except ValueError as e:
+                out["by"][syn][task] = {"skipped": str(e)}
+                continue
+            res["real_curve"], res["synthetic_curve"] = res["real_curve"].kind, res["synthetic_curve"].kind
+            out["by"][syn][task] = res
+    return out

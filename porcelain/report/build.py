@@ -15,6 +15,7 @@ import numpy as np
 
 from porcelain.config import parse_ratio
 from porcelain.data.ingest import load_split
+from porcelain.evaluate.equivalence import scale_from_runs
 from porcelain.evaluate.metrics import minority_classes
 from porcelain.evaluate.stats import bootstrap_mean, paired_bootstrap, verdict
 from porcelain.generate.shards import load_synthetic
@@ -146,10 +147,13 @@ def fairness(runs: list[dict[str, Any]]) -> list[str]:
 
 def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``reports/<key>/`` (report.md, results.csv, PNGs); return keys, the Markdown and a table."""
+    key = stable_hash({"summary": summary, "stage": stage_identity("report")})
+    # real-only runs on shares of the real set are learning-curve points, not arms with a verdict
+    all_runs = summary["runs"]
+    summary = {**summary, "runs": [x for x in all_runs if float(x.get("real_fraction", 1.0)) >= 1.0]}
     data, plan, runs, cfg = summary["data"], summary["plan"], summary["runs"], summary["config"]
     tasks = data["tasks"]
     _, ratios = arms_of(runs)  # the arms: real-only baseline, then synthesizer × ratio
-    key = stable_hash({"summary": summary, "stage": stage_identity("report")})
     base = f"reports/{key}"
     num_classes = [len(data["classes"][t]) for t in tasks]
     _, target = load_split(store, data["data_hash"], cfg["classifier"]["image_size"], data["n_shards"], "test")
@@ -158,6 +162,7 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
                     n_boot=cfg["sweep"]["bootstrap"])
     agg["learned"] = learned(runs, tasks, agg["baseline"], target, num_classes, cfg["sweep"]["learned_margin"])
     agg["confounded"] = fairness(runs)
+    agg["equivalence"] = scale_from_runs(all_runs, tasks, agg["baseline"]) if len(all_runs) > len(runs) else None
     agg["filters"] = {}
     for label, shards in (summary.get("shards") or {}).items():
         filtered = [x for x in shards if x.get("filter_key")]
@@ -390,6 +395,8 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         faith = faiths.get(label) or {}
         if faith.get("n_images"):
             L += _faithfulness_section(faith, tasks, e)
+    if agg.get("equivalence"):
+        L += _equivalence_section(agg["equivalence"], tasks, e)
     L += ["## Results on the real test split", "", "Mean over seeds [95% bootstrap interval].", "",
           "| ratio | task | accuracy | macro-F1 | minority macro-F1 |", "|---|---|---|---|---|"]
     for r in ratios:
@@ -493,6 +500,35 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
     q = faith.get("set_quality")
     if q:
         L += _set_quality_section(q, tasks, e)
+    return L
+
+
+def _equivalence_section(q: dict[str, Any], tasks: list[str], e) -> list[str]:
+    def rate(v: float) -> str:
+        return "∞ (no gain)" if math.isinf(v) else "n/a" if math.isnan(v) else f"{v:.2f}"
+
+    L = ["## How many synthetic images are worth one real image", "",
+         f"Learning curves of test {q['metric'].replace('_', '-')}: real-only on {q.get('real_sizes')} and "
+         f"{q.get('n_base')} real images, and each synthesizer's arms on all {q.get('n_base')} real images "
+         "(every run the same optimizer steps). Both are fitted with a saturating power law (log-linear when "
+         "that fails) and compared (after arXiv 2508.09550). Intervals: bootstrap over seeds, coarse with few seeds.",
+         ""]
+    if q.get("skipped"):
+        return L + [f"Not measured: {e(q['skipped'])}.", ""]
+    L += ["| synthesizer | task | synthetic per real (measured range) [95%] | at the base | real images gained by "
+          "the largest arm | fits |", "|---|---|---|---|---|---|"]
+    for syn, by_task in q["by"].items():
+        for t in tasks:
+            r = by_task.get(t) or {"skipped": "no runs"}
+            if "skipped" in r:
+                L.append(f"| {e(syn)} | {e(t)} | not measured: {e(r['skipped'])} | | | |")
+                continue
+            lo, hi = r["interval"]["synthetic_per_real"]
+            L.append(f"| {e(syn)} | {e(t)} | {rate(r['synthetic_per_real'])} [{rate(lo)}, {rate(hi)}] | "
+                     f"{rate(r['marginal_synthetic_per_real'])} | {r['real_equivalent']:+.1f} of {r['n_syn_max']} "
+                     f"synthetic | {r['real_curve']}/{r['synthetic_curve']} |")
+    L += ["", "∞: the synthetic images did not raise the score beyond the real base; a rate of 0 means they reached "
+          "a score the real curve never does.", ""]
     return L
 
 

@@ -25,18 +25,37 @@ from porcelain.versions import stage_identity
 
 
 def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cfg: ClassifierConfig,
-            runtime: RuntimeConfig) -> str:
+            runtime: RuntimeConfig, real_fraction: float = 1.0) -> str:
     """From content only: the data, the synthetic images it reads (their shard keys and how many per
-    combination), the classifier settings with ``weights`` as the file's sha256, the stage version and
-    the numeric runtime. The synthesizer's display name and the ratio's spelling are not in it."""
+    combination), the share of real train images, the classifier settings with ``weights`` as the
+    file's sha256, the stage version and the numeric runtime. The synthesizer's display name and the
+    ratio's spelling are not in it."""
     shards = sorted(s.key if isinstance(s, ShardRef) else s["key"] for s in synthetic.get("shards", []))
-    return stable_hash({"data": data_hash, "synthetic": {"alloc": synthetic.get("alloc", []), "shards": shards},
-                        "seed": seed, "classifier": config_identity(cfg), "stage": stage_identity("sweep"),
-                        "runtime": runtime_identity(runtime)})
+    ident = {"data": data_hash, "synthetic": {"alloc": synthetic.get("alloc", []), "shards": shards},
+             "seed": seed, "classifier": config_identity(cfg), "stage": stage_identity("sweep"),
+             "runtime": runtime_identity(runtime)}
+    if real_fraction != 1.0:  # (absent for the full real set, so that those keys stay as they were)
+        ident["real_fraction"] = float(real_fraction)
+    return stable_hash(ident)
+
+
+def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a ``fraction`` of the rows, every label combination kept in proportion
+    (``ceil(fraction · n)``, so at least one image of each), drawn with ``seed``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, 0x5EA1])
+    combos, inverse = np.unique(labels, axis=0, return_inverse=True)
+    keep = []
+    for c in range(len(combos)):
+        rows = np.flatnonzero(inverse.reshape(-1) == c)
+        keep.append(rng.permutation(rows)[: int(np.ceil(fraction * len(rows) - 1e-9))])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
 def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
-                       cfg: ClassifierConfig, runtime: RuntimeConfig, synthesizer: str | None = None) -> dict[str, Any]:
+                       cfg: ClassifierConfig, runtime: RuntimeConfig, synthesizer: str | None = None,
+                       real_fraction: float = 1.0, arm: str | None = None) -> dict[str, Any]:
     """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0), made
     by the synthesizer labelled ``synthesizer`` (None for the real-only baseline).
 
@@ -46,22 +65,28 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
     report's paired bootstrap. Up to ``runtime.workers`` of these run at once and share the CPU threads.
     """
     apply_runtime(runtime, concurrent=runtime.workers)
-    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg, runtime)
+    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg, runtime, real_fraction)
     out = f"runs/{key}/metrics.json"
     with store.lock(out):
         if not store.exists(out) or "sweep" in runtime.refresh:
-            store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key))
+            store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key, real_fraction))
     # the run is shared by content; how this run config names it is added here
-    return {**store.read_json(out), "ratio": ratio, "synthesizer": synthesizer,
-            "arm": ratio if synthesizer is None else f"{synthesizer} {ratio}"}
+    return {**store.read_json(out), "ratio": ratio, "synthesizer": synthesizer, "real_fraction": real_fraction,
+            "arm": arm or (ratio if synthesizer is None else f"{synthesizer} {ratio}")}
 
 
 def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
-         cfg: ClassifierConfig, runtime: RuntimeConfig, key: str) -> dict[str, Any]:
+         cfg: ClassifierConfig, runtime: RuntimeConfig, key: str, real_fraction: float = 1.0) -> dict[str, Any]:
     tasks = data["tasks"]
     num_classes = [len(data["classes"][t]) for t in tasks]
     size, n_shards, h = cfg.image_size, data["n_shards"], data["data_hash"]
     real_x, real_y = load_split(store, h, size, n_shards, "train")
+    budget = cfg.budget(len(real_x))  # of the whole real set: a learning-curve point trains as long as the rest
+    counts = data["train_counts"]
+    if real_fraction < 1.0:
+        keep = real_subset(real_y, real_fraction, seed)
+        real_x, real_y = real_x[keep], real_y[keep]
+        counts = [np.bincount(real_y[:, t], minlength=n).tolist() for t, n in enumerate(num_classes)]
     alloc = decode_alloc(synthetic.get("alloc", []))
     syn_x, syn_y = load_synthetic(store, synthetic.get("shards", []), alloc, size)
     if len(syn_x):
@@ -71,10 +96,9 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
     val = load_split(store, h, size, n_shards, "val")
     name, why = resolve_classifier(cfg.model, size, cfg.weights is not None)
     model = create_classifier(name, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights, seed=seed)
-    budget = cfg.budget(len(real_x))
     start = time.monotonic()
     model, history = train_classifier(
-        model, x, y, tasks, counts=data["train_counts"], steps=budget, batch_size=cfg.batch_size, lr=cfg.lr,
+        model, x, y, tasks, counts=counts, steps=budget, batch_size=cfg.batch_size, lr=cfg.lr,
         weight_decay=cfg.weight_decay, beta=cfg.beta, use_sampler=cfg.use_sampler,
         class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, hflip=cfg.hflip, seed=seed,
         device=runtime.device, dtype=runtime.dtype, val=val if len(val[0]) else None,
@@ -87,7 +111,8 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
     predictions = store.write_json(f"runs/{key}/predictions.json",
                                    {"tasks": tasks, "test": {t: p.tolist() for t, p in zip(tasks, preds)}})
     result = {
-        "key": key, "ratio": ratio, "seed": seed, "metrics": metrics, "predictions": predictions,
+        "key": key, "ratio": ratio, "seed": seed, "real_fraction": real_fraction, "metrics": metrics,
+        "predictions": predictions,
         "model": name, "model_reason": why,
         "n_real": int(len(real_x)), "n_synthetic": int(len(syn_x)), "n_test": int(len(test_x)),
         "n_val": int(len(val[0])), "budget": budget, "steps": history["steps"],
