@@ -327,21 +327,29 @@ def claim_landed(store: Store, landed: dict[str, Any], by: str | None = None) ->
 
 # -- what changed since the previous run (for the report) ---------------------------------------
 
-def run_digest(store: Store, data_hash: str, table: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a later run compares itself with: the dataset's images (sha256 → split) and, per arm and
-    task, the difference of test macro-F1 against the real-only baseline (the report's table rows)."""
-    from porcelain.data.ingest import dataset_key
-
-    meta = store.read_json(f"{dataset_key(data_hash)}/dataset.json")
+def run_digest(data_hash: str, table: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a later run compares itself with (small: recorded, and passed to the report): the data hash
+    and, per arm and task, the difference of test macro-F1 against the real-only baseline (the report's
+    table rows). :func:`with_images` adds the dataset's images for :func:`changes_since`."""
     deltas: dict[str, dict[str, float | None]] = {}
     for row in table:
         if row.get("verdict") != "baseline":
             deltas.setdefault(str(row["arm"]), {})[str(row["task"])] = row.get("delta_macro_f1")
-    return {"data_hash": data_hash, "images": {r["sha256"]: r["split"] for r in meta["records"]}, "deltas": deltas}
+    return {"data_hash": data_hash, "deltas": deltas}
+
+
+def with_images(store: Store, digest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``digest`` with ``images`` (sha256 → split) read from its dataset's ``dataset.json``."""
+    from porcelain.data.ingest import dataset_key
+
+    if digest is None:
+        return None
+    meta = store.read_json(f"{dataset_key(digest['data_hash'])}/dataset.json")
+    return {**digest, "images": {r["sha256"]: r["split"] for r in meta["records"]}}
 
 
 def changes_since(previous: dict[str, Any] | None, current: dict[str, Any], moved: float = 0.0) -> dict[str, Any]:
-    """What changed between two :func:`run_digest` results: images added and removed (per split) and,
+    """What changed between two :func:`run_digest` results (each :func:`with_images`): images added and removed (per split) and,
     for every (arm, task) compared in both, how far its macro-F1 delta moved (``|moved| > moved`` kept).
 
     ``previous`` None means there is no earlier run to compare with (``first_run``).
@@ -426,3 +434,22 @@ def record_digest(store: Store, series: str, identity: str, digest: dict[str, An
     if not store.exists(own):
         store.write_json(own, {"previous": previous_digest(store, series, identity), "digest": digest})
     store.write_json(f"history/{series}/latest.json", {"identity": identity, "digest": digest})
+
+
+def series_of(name: str, deployment: str | None) -> str:
+    """"The same deployment" as a store key: ``<config name>/<deployment name or cli>``."""
+    clean = lambda s: "".join(c if c.isalnum() or c in "._-" else "_" for c in s).strip("._") or "_"  # noqa: E731
+    return f"{clean(name)}/{clean(deployment or 'cli')}"
+
+
+def run_identity(data_hash: str, config: dict[str, Any]) -> str:
+    """What makes two runs "the same inputs": the data hash and the config, less where and how it runs."""
+    return stable_hash({"data_hash": data_hash, "config": {k: v for k, v in config.items()
+                                                           if k not in ("storage", "runtime")}}, 24)
+
+
+def record_run(store: Store, series: str, identity: str, data_hash: str, report_key: str) -> dict[str, Any]:
+    """Record a finished run (its report's ``table.json`` and dataset) for the next run to compare with."""
+    digest = run_digest(data_hash, store.read_json(f"{report_key}/table.json")["rows"])
+    record_digest(store, series, identity, digest)
+    return {"series": series, "identity": identity, "data_hash": data_hash}

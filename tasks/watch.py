@@ -35,3 +35,13 @@ def claim_snapshot(landed: dict[str, Any], by: str | None, storage: StorageConfi
 @task(name="advance-watermark", task_run_name="advance-watermark", **_OPTS)
 def advance_watermark(dataset: str, snapshot: str, storage: StorageConfig) -> bool:
     return watch.advance(_store(storage), dataset, snapshot)
+
+
+@task(name="previous-run", task_run_name="previous-run", **_OPTS)
+def previous_run(series: str, identity: str, storage: StorageConfig) -> dict[str, Any] | None:
+    return watch.previous_digest(_store(storage), series, identity)
+
+
+@task(name="record-run", task_run_name="record-run", **_OPTS)
+def record_run(series: str, identity: str, data_hash: str, report_key: str, storage: StorageConfig) -> dict[str, Any]:
+    return watch.record_run(_store(storage), series, identity, data_hash, report_key)

@@ -180,14 +180,24 @@ def test_a_rerun_of_the_same_inputs_compares_with_the_same_previous_run(tmp_path
     assert watch.previous_digest(store, "museum/rerun", "id-c") == d2
 
 
-def test_run_digest_reads_the_dataset_and_the_report_table(tmp_path):
+def test_a_run_is_recorded_from_its_report_table_and_compared_by_its_dataset(tmp_path):
     store = Store(str(tmp_path))
-    store.write_json("datasets/abc/dataset.json", {"records": [{"sha256": "h1", "split": "train"},
-                                                               {"sha256": "h2", "split": "test"}]})
-    table = [{"arm": "100:0", "task": "glaze", "verdict": "baseline", "delta_macro_f1": None},
-             {"arm": "closed_set 80:20", "task": "glaze", "verdict": "no clear difference", "delta_macro_f1": 0.03}]
-    assert watch.run_digest(store, "abc", table) == _digest("abc", {"h1": "train", "h2": "test"},
-                                                            {"closed_set 80:20": {"glaze": 0.03}})
+    for h, recs in (("abc", [("h1", "train"), ("h2", "test")]), ("abd", [("h1", "train"), ("h3", "val")])):
+        store.write_json(f"datasets/{h}/dataset.json", {"records": [{"sha256": x, "split": y} for x, y in recs]})
+    rows = [{"arm": "100:0", "task": "glaze", "verdict": "baseline", "delta_macro_f1": None},
+            {"arm": "closed_set 80:20", "task": "glaze", "verdict": "no clear difference", "delta_macro_f1": 0.03}]
+    store.write_json("reports/r1/table.json", {"rows": rows})
+    series = watch.series_of("my museum", "my museum-rerun")
+    assert series == "my_museum/my_museum-rerun"
+    ident = watch.run_identity("abc", {"name": "m", "sweep": {}, "storage": {"url": "x"}})
+    assert ident == watch.run_identity("abc", {"name": "m", "sweep": {}, "storage": {"url": "elsewhere"}})
+    watch.record_run(store, series, ident, "abc", "reports/r1")
+    previous = watch.previous_digest(store, series, watch.run_identity("abd", {"name": "m"}))
+    assert previous == {"data_hash": "abc", "deltas": {"closed_set 80:20": {"glaze": 0.03}}}
+    current = watch.run_digest("abd", [{**rows[1], "delta_macro_f1": -0.01}])
+    c = watch.changes_since(watch.with_images(store, previous), watch.with_images(store, current))
+    assert (c["n_added"], c["added_by_split"], c["n_removed"], c["removed_by_split"]) == (1, {"val": 1}, 1, {"test": 1})
+    assert c["deltas"][0]["moved"] == -0.04
 
 
 # -- the watcher flow's event ---------------------------------------------------------------------
