@@ -392,7 +392,7 @@ def test_served_deployments_rerun_once_per_drop_of_new_images(moto_server, s3_bu
 
         async def scenario():
             async with get_client() as client:
-                watch_id = await _deployment_id(client, "porcelain-watch-images/tiny-watch-images")
+                await _deployment_id(client, "porcelain-watch-images/tiny-watch-images")
                 rerun_id = await _deployment_id(client, "porcelain-pipeline/tiny-rerun")
                 sweep_id = await _deployment_id(client, "porcelain-pipeline/tiny-ratio-sweep")
                 phase("deployments served")
