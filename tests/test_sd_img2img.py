@@ -260,8 +260,12 @@ def test_sd_refiner_config_errors_name_the_key(kind):
     assert "sd.lora.rankk: unknown key" in err({"refiner": "sd_lora", "sd": {"base": "sd21", "lora": {"rankk": 2}}})
     assert "`sd:` is read only with `refiner: sd_lora`" in err({"sd": {"base": "sd21"}})
     assert "`generator:` configures the closed-set refiner" in err(
-        {"refiner": "sd_lora", "sd": {"base": "sd21"}, "generator": {"resolution": 32}})
+        {"refiner": "sd_lora", "sd": {"base": "sd21"}, "generator": {"train_steps": 7}})
     assert "refiner: Input should be 'closed_set' or 'sd_lora'" in err({"refiner": "dalle"})
+    # The flow validates the dumped config again (every field present, defaults included): it must pass.
+    cfg = config_from_dict({"synthesizers": [{"kind": kind, "refiner": "sd_lora", "sd": {"base": "sd21"}}]})
+    again = config_from_dict(cfg.model_dump(mode="json"))
+    assert again.synthesizers == cfg.synthesizers and again.synthesizers[0].sd.base == "sd21"
 
 
 def test_closed_set_refiner_keeps_its_identities():

@@ -188,7 +188,7 @@ def _with_caption(phrase: str, caption: str, label_weight: int, caption_weight: 
         return phrase
     for n in range(label_weight, 0, -1):
         prompt = ", ".join([phrase] * n + [cap] * caption_weight)
-        if tokenizer is None or n == 1 or len(tokenizer(prompt).input_ids) <= tokenizer.model_max_length:
+        if tokenizer is None or n == 1 or len(tokenizer(prompt, verbose=False).input_ids) <= tokenizer.model_max_length:
             return prompt
     raise AssertionError("unreachable")
 

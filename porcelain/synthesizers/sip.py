@@ -259,7 +259,8 @@ class Sip(ImageConditioned):
                     f"Stable Diffusion `{sd.base_id}` + LoRA ({sd.resolution} px, DDIM {sd.inference.steps} steps, "
                     f"LoRA scale {sd.inference.lora_scale}); guidance {rule}",
                     f"- prompt: the source's label phrase (the sd_lora prompt, class tokens: {sd.class_tokens}) "
-                    f"{cfg.label_weight}× then the caption CLIP chose "
+                    f"{cfg.label_weight}× (fewer where the caption would not fit CLIP's 77 tokens), then the caption "
+                    "CLIP chose "
                     f"({'BLIP ' + cfg.captioner if cfg.captioner else 'no captioner: the phrase alone'}); every "
                     "image's prompt, guidance and seed are in its shard's provenance"]
         return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with the "

@@ -77,15 +77,16 @@ class RefinerSettings(BaseModel):
                              "configured by `generator:` and `sampling:`)")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _closed_set_keys_with_closed_set(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("refiner") == "sd_lora":
+    @model_validator(mode="after")
+    def _closed_set_keys_with_closed_set(self) -> Any:
+        # Set to other than their defaults, they would be ignored: an error. (Defaults pass, so that a
+        # dumped config, which holds every field, validates again.)
+        if self.refiner == "sd_lora":
             for key in ("generator", "sampling"):
-                if key in data:
+                if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True):
                     raise ValueError(f"`{key}:` configures the closed-set refiner; with `refiner: sd_lora` the "
                                      "model is `sd:` and its sampling `sd.inference` (steps, guidance, batch_size)")
-        return data
+        return self
 
     @property
     def resolution(self) -> int:
