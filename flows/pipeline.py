@@ -47,6 +47,7 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
         filter_, top_up_plan, train_evaluate, report = (_task(name, rt, retry, results_at) for name in (
             "builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate", "reference",
             "faithfulness", "drift", "filter_", "top_up_plan", "train_evaluate", "report"))
+    adapt = _task("adapt", rt, retry, results_at)
     publish = stages.publish_report.with_options(**retry)
 
     if cfg.data.manifest in BUILTIN:
@@ -116,11 +117,23 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
         calls += [(data, base, seed, {}, cfg.classifier, None, f"real {f:.0%}", st, rt, f) for seed in cfg.sweep.seeds]
     runs = _submit(train_evaluate, calls, rt.workers, progress="sweep", stage="sweep", runtime=rt)
     results = [r.result() for r in runs]
+    adaptive = {}
+    if cfg.sweep.adaptive:  # per-task synthetic loss weights, chosen on val; one more arm per synthesizer
+        calls = []
+        for syn in cfg.synthesizers:
+            choice = adapt(data, results, syn.label, base, cfg.classifier.image_size, st)
+            if choice is None:
+                continue
+            adaptive[syn.label] = choice
+            synthetic = synthetic_for(plan["ratios"][choice["ratio"]]["alloc"], shards.get(syn.label, []))
+            calls += [(data, choice["ratio"], seed, synthetic, cfg.classifier, syn.label, f"{syn.label} adaptive", st,
+                       rt, 1.0, choice["weights"]) for seed in cfg.sweep.seeds]
+        results += [r.result() for r in _submit(train_evaluate, calls, rt.workers, stage="sweep", runtime=rt)]
 
     summary = {"config": cfg.model_dump(mode="json"), "data": data, "plan": plan,
                "models": {k: v.model_dump(mode="json") for k, v in models.items()},
                "shards": {k: [s.model_dump(mode="json") for s in v] for k, v in shards.items()},
-               "reference": ref, "faithfulness": faith, "drift": drifts, "runs": results}
+               "reference": ref, "faithfulness": faith, "drift": drifts, "runs": results, "adaptive": adaptive}
     written = report(summary, st)
     publish(written, cfg.name, st)  # artifacts on every run, cache hits included
     log.info("report: %s", written["uri"])

@@ -237,6 +237,10 @@ class SweepConfig(_Model):
         "one): real-only runs on these shares of the real train images (each combination kept in proportion, at "
         "least one image; a new subset per seed; the same optimizer steps as every other run), e.g. [0.25, 0.5]. "
         "The report fits their learning curve against each synthesizer's ratio arms. Empty: off.")
+    adaptive: bool = Field(False, description=(
+        "Add one arm per synthesizer with a per-task weight on the synthetic images' loss (0 where synthetic "
+        "data hurts a task on val, 0.5 where it may, 1 or 2 where it helps), at the synthesizer's best ratio on "
+        "val; judged on test beside every fixed ratio (the porcelain paper's open question)."))
     learned_margin: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1, description="A task whose real-only test macro-F1 is not at least this far above chance gets "
         "'classifier did not learn this task' instead of a verdict.")

@@ -50,7 +50,8 @@ STAGES: dict[str, Stage] = {
     "drift": Stage("1", ("porcelain.synthesizers.drift",), ML_LIBS),
     "filters": Stage("1", ("porcelain.filter.stage",), ML_LIBS),
     "faithfulness": Stage("3", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS),  # 3: FID/KID per value with a real floor
-    "sweep": Stage("1", ("porcelain.train.sweep",), ML_LIBS),
+    "sweep": Stage("2", ("porcelain.train.sweep", "porcelain.train.classifier"), ML_LIBS),  # 2: val predictions stored; per-task synthetic loss weights
+    "adaptive": Stage("1", ("porcelain.evaluate.adaptive",), ("numpy",)),
     "report": Stage("3", ("porcelain.report.build", "porcelain.report.html", "porcelain.evaluate.equivalence"),
                     ("numpy", "matplotlib", "scipy")),  # 3: report.html, table.json, equivalence scale
 }

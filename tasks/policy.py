@@ -22,6 +22,7 @@ TASK_STAGES: dict[str, tuple[str, ...]] = {
     "plan-generation": ("plan",), "reference-classifier": ("reference",), "prepare-synthesizer": (),
     "generate-shard": ("shards",), "semantic-drift": ("drift",),
     "filter-shard": ("filters",), "plan-top-up": ("filters",), "label-faithfulness": ("faithfulness",), "train-evaluate": ("sweep",),
+    "choose-adaptive": ("adaptive",),
     "report": ("report",),
 }
 

@@ -21,6 +21,7 @@ from porcelain.config import (
 )
 from porcelain.data.ingest import default_root, fingerprint, ingest_dataset, pack_data_shard
 from porcelain.data.source import materialize_builtin
+from porcelain.evaluate.adaptive import choose_adaptive
 from porcelain.evaluate.judging import measure_faithfulness
 from porcelain.evaluate.reference import train_reference
 from porcelain.generate.shards import generate_shard
@@ -125,9 +126,15 @@ def faithfulness(data: dict[str, Any], shards: list[ShardRef], reference: dict[s
 @task(name="train-evaluate", task_run_name="train-{arm}-seed{seed}", **TASK_DEFAULTS)
 def train_evaluate(data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any], classifier: ClassifierConfig,
                    synthesizer: str | None, arm: str, storage: StorageConfig, runtime: RuntimeConfig,
-                   real_fraction: float = 1.0) -> dict[str, Any]:
+                   real_fraction: float = 1.0, synthetic_task_weights: dict[str, float] | None = None) -> dict[str, Any]:
     return train_and_evaluate(_store(storage), data, ratio, seed, synthetic, classifier, runtime, synthesizer,
-                              real_fraction, arm)
+                              real_fraction, arm, synthetic_task_weights)
+
+
+@task(name="choose-adaptive", task_run_name="choose-adaptive-{synthesizer}", **TASK_DEFAULTS)
+def adapt(data: dict[str, Any], runs: list[dict[str, Any]], synthesizer: str, baseline: str, image_size: int,
+          storage: StorageConfig) -> dict[str, Any] | None:
+    return choose_adaptive(_store(storage), data, runs, synthesizer, baseline, image_size)
 
 
 @task(name="report", task_run_name="report", **TASK_DEFAULTS)

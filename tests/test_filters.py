@@ -303,6 +303,42 @@ def test_equivalence_recovers_a_known_exchange_rate():
     assert hurt["synthetic_per_real"] == math.inf and hurt["real_equivalent"] < 0
 
 
+def test_adaptive_weight_is_zero_for_the_task_whose_synthetic_labels_were_scrambled():
+    """val predictions of an arm trained with one task's synthetic labels scrambled: that task's val
+    macro-F1 falls for every seed, its weight is 0; the untouched task keeps a weight above 0."""
+    from porcelain.evaluate.adaptive import val_weights
+
+    rng = np.random.default_rng(0)
+    y = np.stack([rng.integers(0, 4, 300), rng.integers(0, 3, 300)], 1)
+
+    def noisy(labels, k, p):  # predictions right with probability p
+        wrong = rng.random(len(labels)) > p
+        return np.where(wrong, rng.integers(0, k, len(labels)), labels)
+
+    base = [{"shape": noisy(y[:, 0], 4, 0.85), "glaze": noisy(y[:, 1], 3, 0.8)} for _ in range(3)]
+    scrambled = [{"shape": noisy(y[:, 0], 4, 0.85), "glaze": noisy(y[:, 1], 3, 0.45)} for _ in range(3)]
+    deltas, weights, reasons = val_weights(y, ["shape", "glaze"], {"shape": 4, "glaze": 3}, base, scrambled,
+                                           n_boot=300)
+    assert weights["glaze"] == 0.0 and deltas["glaze"]["high"] < 0 and "hurts" in reasons["glaze"]
+    assert weights["shape"] > 0 and deltas["shape"]["low"] < 0 < deltas["shape"]["high"]
+
+
+def test_a_zero_loss_weight_leaves_an_image_out_of_that_head_exactly():
+    import torch
+
+    from porcelain.train.classifier import weighted_task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cw = torch.tensor([0.5, 1.0, 2.0])
+    keep = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float32)
+    ref = torch.nn.functional.cross_entropy(logits[:4], target[:4], weight=cw)
+    assert torch.allclose(weighted_task_loss(logits, target, cw, keep), ref)
+    full = torch.nn.functional.cross_entropy(logits, target, weight=cw)  # all ones: PyTorch's weighted mean
+    assert torch.allclose(weighted_task_loss(logits, target, cw, torch.ones(8)), full)
+    assert weighted_task_loss(logits, target, cw, torch.zeros(8)) == 0
+
+
 def test_equivalence_from_sweep_runs_recovers_the_rate_of_constructed_runs():
     """Runs shaped as the sweep writes them: real-only on shares of the real set, the baseline, and a
     synthesizer's arms on the full base; scores on a known curve with 3 synthetic = 1 real."""

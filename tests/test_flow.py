@@ -130,6 +130,22 @@ def test_real_fractions_add_learning_curve_runs_and_the_equivalence_scale(first_
     assert "real 50%" not in verdicts  # a learning-curve point is not a method
 
 
+def test_adaptive_arm_is_chosen_on_val_and_judged_on_test_beside_the_fixed_ratios(first_run, body_calls):
+    cfg, _, _ = first_run
+    ad = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1], "adaptive": True})
+    result, states = _run(ad)
+    assert states["choose-adaptive-closed_set"] == ["Completed"]
+    assert states["train-closed_set 80:20-seed0"] == ["Cached"] and "train-closed_set adaptive-seed1" in states
+    store = Store(cfg["storage"]["url"])
+    md = store.read_bytes(result["report"]["report"]).decode()
+    assert "## Adaptive per-task weights of the synthetic images" in md
+    section = md.split("## Adaptive per-task weights", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| closed_set |")]
+    assert len(rows) == 4 and all(" 80:20 " in ln for ln in rows)  # one row per task, at the only ratio
+    header = next(ln for ln in md.splitlines() if ln.startswith("| task | closed_set 80:20"))
+    assert "closed_set adaptive" in header  # judged on test beside the fixed ratio
+
+
 def test_tasks_side_by_side_give_the_same_results(first_run, tmp_path):
     """runtime.workers = 2 (shards and sweep runs two at a time, sharing threads): same bytes, same metrics."""
     cfg, result, _ = first_run

@@ -250,7 +250,7 @@ def scale_from_runs(runs: Sequence[Mapping[str, Any]], tasks: Sequence[str], bas
     out.update(n_base=n_base, real_sizes=sorted(int(round(np.mean([r["n_real"] for r in g]))) for g in groups.values()))
     arms: dict[str, dict[str, list]] = {}
     for r in runs:
-        if r.get("synthesizer") and float(r.get("real_fraction", 1.0)) >= 1.0:
+        if r.get("synthesizer") and float(r.get("real_fraction", 1.0)) >= 1.0 and not r.get("synthetic_task_weights"):
             arms.setdefault(r["synthesizer"], {}).setdefault(r.get("arm") or r["ratio"], []).append(r)
     for syn, by_arm in arms.items():
         out["by"][syn] = {}

@@ -395,6 +395,8 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         faith = faiths.get(label) or {}
         if faith.get("n_images"):
             L += _faithfulness_section(faith, tasks, e)
+    if summary.get("adaptive"):
+        L += _adaptive_section(summary["adaptive"], tasks, e)
     if agg.get("equivalence"):
         L += _equivalence_section(agg["equivalence"], tasks, e)
     L += ["## Results on the real test split", "", "Mean over seeds [95% bootstrap interval].", "",
@@ -500,6 +502,23 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
     q = faith.get("set_quality")
     if q:
         L += _set_quality_section(q, tasks, e)
+    return L
+
+
+def _adaptive_section(adaptive: dict[str, Any], tasks: list[str], e) -> list[str]:
+    L = ["## Adaptive per-task weights of the synthetic images", "",
+         "For each synthesizer, its best ratio on the real val split, retrained with a weight on the synthetic "
+         "images' loss per task head, each weight from that ratio's val difference to real-only (paired bootstrap "
+         "over seeds and val images): 0 where synthetic data hurts on val, 0.5 where it may, 1 where it may help, "
+         "2 where it clearly helps. Chosen on val only; its test result is the arm `<synthesizer> adaptive` in the "
+         "tables above, beside every fixed ratio.", "",
+         "| synthesizer | ratio (best on val) | task | val Δ macro-F1 [95%] | weight | why |", "|---|---|---|---|---|---|"]
+    for label, c in adaptive.items():
+        for t in tasks:
+            d = c["val_deltas"][t]
+            L.append(f"| {e(label)} | {e(c['ratio'])} | {e(t)} | {d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                     f"{c['weights'][t]:g} | {e(c['reasons'][t])} |")
+    L.append("")
     return L
 
 

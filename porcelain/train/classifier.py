@@ -242,6 +242,17 @@ class _IndexStream:
         return idx
 
 
+def weighted_task_loss(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
+                       sample_weight: torch.Tensor) -> torch.Tensor:
+    """One head's cross-entropy with a weight per image: ``Σ wᵢ·cᵢ·ℓᵢ / Σ wᵢ·cᵢ`` (``cᵢ`` the class
+    weight of image i's label). All ``wᵢ = 1`` is PyTorch's class-weighted mean; ``wᵢ = 0`` leaves
+    image i out of this head exactly; a batch with no weight left gives 0."""
+    per = F.cross_entropy(logits, target, reduction="none")
+    cw = class_weight[target] if class_weight is not None else torch.ones_like(per)
+    w = sample_weight.to(per.dtype) * cw
+    return (w * per).sum() / w.sum().clamp_min(1e-12)
+
+
 def train_classifier(
     model: MultiTaskClassifier,
     images: np.ndarray,
@@ -267,6 +278,7 @@ def train_classifier(
     patience: int | None = None,
     epochs: int | None = None,
     progress: ProgressFn = null_progress,
+    sample_task_weights: np.ndarray | None = None,
 ) -> tuple[MultiTaskClassifier, dict[str, Any]]:
     """Train ``model`` in place for ``steps`` optimizer steps; return ``(model, history)`` in eval mode.
 
@@ -346,6 +358,13 @@ def train_classifier(
 
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(labels)
+    w_all = None
+    if sample_task_weights is not None:  # e.g. the adaptive sweep arm: synthetic images' loss per task head
+        w_np = np.asarray(sample_task_weights, np.float32)
+        if w_np.shape != (len(labels), len(task_names)) or not np.isfinite(w_np).all() or (w_np < 0).any():
+            raise ValueError(f"sample_task_weights must be finite, >= 0 and N×T = {(len(labels), len(task_names))}, "
+                             f"got {w_np.shape}")
+        w_all = torch.from_numpy(w_np).to(dev)
     pin = False
     if dev.type == "cuda":
         if x_all.numel() <= GPU_RESIDENT_BYTES:  # small uint8 datasets live on the GPU: no per-batch copies
@@ -408,10 +427,15 @@ def train_classifier(
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, cdtype):
                 logits = model(x)
-            task_losses = [
-                F.cross_entropy(logits[task].float(), y[:, t], weight=class_w[t])
-                for t, task in enumerate(task_names)
-            ]
+            if w_all is None:
+                task_losses = [
+                    F.cross_entropy(logits[task].float(), y[:, t], weight=class_w[t])
+                    for t, task in enumerate(task_names)
+                ]
+            else:
+                wb = w_all[idx.to(w_all.device)]
+                task_losses = [weighted_task_loss(logits[task].float(), y[:, t], class_w[t], wb[:, t])
+                               for t, task in enumerate(task_names)]
             stacked = torch.stack(task_losses)
             loss = stacked.sum()
             *task_values, value = torch.cat([stacked.detach(), loss.detach()[None]]).tolist()  # one sync

@@ -25,7 +25,8 @@ from porcelain.versions import stage_identity
 
 
 def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cfg: ClassifierConfig,
-            runtime: RuntimeConfig, real_fraction: float = 1.0) -> str:
+            runtime: RuntimeConfig, real_fraction: float = 1.0,
+            synthetic_task_weights: dict[str, float] | None = None) -> str:
     """From content only: the data, the synthetic images it reads (their shard keys and how many per
     combination), the share of real train images, the classifier settings with ``weights`` as the
     file's sha256, the stage version and the numeric runtime. The synthesizer's display name and the
@@ -36,7 +37,13 @@ def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cf
              "runtime": runtime_identity(runtime)}
     if real_fraction != 1.0:  # (absent for the full real set, so that those keys stay as they were)
         ident["real_fraction"] = float(real_fraction)
+    if task_weights_apply(synthetic_task_weights):  # all 1: the same run as the fixed ratio's
+        ident["synthetic_task_weights"] = {t: float(w) for t, w in sorted(synthetic_task_weights.items())}
     return stable_hash(ident)
+
+
+def task_weights_apply(weights: dict[str, float] | None) -> bool:
+    return bool(weights) and any(float(w) != 1.0 for w in weights.values())
 
 
 def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -55,7 +62,8 @@ def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
                        cfg: ClassifierConfig, runtime: RuntimeConfig, synthesizer: str | None = None,
-                       real_fraction: float = 1.0, arm: str | None = None) -> dict[str, Any]:
+                       real_fraction: float = 1.0, arm: str | None = None,
+                       synthetic_task_weights: dict[str, float] | None = None) -> dict[str, Any]:
     """``synthetic`` is ``{"alloc": [[combo, n], …], "shards": [shard refs]}`` (empty for 100:0), made
     by the synthesizer labelled ``synthesizer`` (None for the real-only baseline).
 
@@ -65,18 +73,21 @@ def train_and_evaluate(store: Store, data: dict[str, Any], ratio: str, seed: int
     report's paired bootstrap. Up to ``runtime.workers`` of these run at once and share the CPU threads.
     """
     apply_runtime(runtime, concurrent=runtime.workers)
-    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg, runtime, real_fraction)
+    weights = synthetic_task_weights if task_weights_apply(synthetic_task_weights) else None
+    key = run_key(data["data_hash"], ratio, seed, synthetic, cfg, runtime, real_fraction, weights)
     out = f"runs/{key}/metrics.json"
     with store.lock(out):
         if not store.exists(out) or "sweep" in runtime.refresh:
-            store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key, real_fraction))
+            store.write_json(out, _run(store, data, ratio, seed, synthetic, cfg, runtime, key, real_fraction, weights))
     # the run is shared by content; how this run config names it is added here
     return {**store.read_json(out), "ratio": ratio, "synthesizer": synthesizer, "real_fraction": real_fraction,
-            "arm": arm or (ratio if synthesizer is None else f"{synthesizer} {ratio}")}
+            "arm": arm or (ratio if synthesizer is None else f"{synthesizer} {ratio}"),
+            "synthetic_task_weights": synthetic_task_weights}
 
 
 def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: dict[str, Any],
-         cfg: ClassifierConfig, runtime: RuntimeConfig, key: str, real_fraction: float = 1.0) -> dict[str, Any]:
+         cfg: ClassifierConfig, runtime: RuntimeConfig, key: str, real_fraction: float = 1.0,
+         synthetic_task_weights: dict[str, float] | None = None) -> dict[str, Any]:
     tasks = data["tasks"]
     num_classes = [len(data["classes"][t]) for t in tasks]
     size, n_shards, h = cfg.image_size, data["n_shards"], data["data_hash"]
@@ -93,6 +104,10 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
         x, y = np.concatenate([real_x, syn_x]), np.concatenate([real_y, syn_y])
     else:
         x, y = real_x, real_y
+    sample_w = None
+    if synthetic_task_weights:  # real images weigh 1 on every head; synthetic ones as chosen per task
+        sample_w = np.ones((len(x), len(tasks)), np.float32)
+        sample_w[len(real_x):] = np.asarray([float(synthetic_task_weights.get(t, 1.0)) for t in tasks], np.float32)
     val = load_split(store, h, size, n_shards, "val")
     name, why = resolve_classifier(cfg.model, size, cfg.weights is not None)
     model = create_classifier(name, num_classes=dict(zip(tasks, num_classes)), weights=cfg.weights, seed=seed)
@@ -103,15 +118,21 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
         class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, hflip=cfg.hflip, seed=seed,
         device=runtime.device, dtype=runtime.dtype, val=val if len(val[0]) else None,
         eval_every=cfg.eval_every, patience=cfg.patience, progress=LogProgress(f"classifier {ratio} seed {seed}"),
+        sample_task_weights=sample_w,
     )
     seconds = time.monotonic() - start
     test_x, test_y = load_split(store, h, size, n_shards, "test")
     preds = predict(model, test_x, batch_size=cfg.batch_size * 2, device=runtime.device, dtype=runtime.dtype)
     metrics = evaluate_predictions(preds, test_y, tasks, num_classes, data["train_counts"])
+    # val predictions too: what the adaptive arm chooses its per-task weights from (test stays untouched)
+    val_preds = predict(model, val[0], batch_size=cfg.batch_size * 2, device=runtime.device, dtype=runtime.dtype) \
+        if len(val[0]) else [np.zeros(0, np.int64) for _ in tasks]
     predictions = store.write_json(f"runs/{key}/predictions.json",
-                                   {"tasks": tasks, "test": {t: p.tolist() for t, p in zip(tasks, preds)}})
+                                   {"tasks": tasks, "test": {t: p.tolist() for t, p in zip(tasks, preds)},
+                                    "val": {t: p.tolist() for t, p in zip(tasks, val_preds)}})
     result = {
-        "key": key, "ratio": ratio, "seed": seed, "real_fraction": real_fraction, "metrics": metrics,
+        "key": key, "ratio": ratio, "seed": seed, "real_fraction": real_fraction,
+        "synthetic_task_weights": synthetic_task_weights, "metrics": metrics,
         "predictions": predictions,
         "model": name, "model_reason": why,
         "n_real": int(len(real_x)), "n_synthetic": int(len(syn_x)), "n_test": int(len(test_x)),
