@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from porcelain.config import RunConfig
@@ -16,7 +16,9 @@ from porcelain.data.source import BUILTIN
 from porcelain.report.publish import slug as _slug
 from porcelain.generate.targeting import synthetic_for
 from porcelain.synthesizers import get as get_synthesizer
+from porcelain.watch import run_identity, series_of
 from tasks import stages
+from tasks import watch as watch_tasks
 from tasks.policy import TASK_STAGES, result_storage_for, retry_options
 
 MAX_WORKERS = 64  # an upper bound; runtime.workers sets the real limit (see _submit)
@@ -134,7 +136,12 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
                "models": {k: v.model_dump(mode="json") for k, v in models.items()},
                "shards": {k: [s.model_dump(mode="json") for s in v] for k, v in shards.items()},
                "reference": ref, "faithfulness": faith, "drift": drifts, "runs": results, "adaptive": adaptive}
+    # what changed since the previous run of this deployment (or of the CLI) with other inputs
+    series = series_of(cfg.name, deployment.name)
+    identity = run_identity(data["data_hash"], cfg.model_dump(mode="json"))
+    summary["previous"] = watch_tasks.previous_run(series, identity, st)
     written = report(summary, st)
+    watch_tasks.record_run(series, identity, data["data_hash"], written["key"], st)
     publish(written, cfg.name, st)  # artifacts on every run, cache hits included
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}

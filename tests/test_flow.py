@@ -73,6 +73,8 @@ def test_second_run_executes_no_task_body_and_still_shows_its_findings(first_run
     assert result2["report"] == result["report"]
     assert body_calls == []
     publish = states.pop("publish-report")
+    # (what changed since the previous run is looked up and recorded every time; nothing is computed)
+    assert states.pop("previous-run") == states.pop("record-run") == ["Completed"]
     flat = [s for v in states.values() for s in v]
     assert flat and set(flat) == {"Cached"}, states
     # the UI shows what this rerun ran and found: its name says the config and the data ...
@@ -95,8 +97,13 @@ def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_c
     changed = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "50:50"], "seeds": [0, 1]})
     store = Store(cfg["storage"]["url"])
     before = {k: [im["key"] for im in store.read_json(k)["images"]] for k in store.list("synthetic") if k.endswith(".json")}
-    _, states = _run(changed)
+    result, states = _run(changed)
     assert body_calls.count("train_and_evaluate") == 2 and "prepare_synthesizer" not in body_calls
+    # the report says what changed since the previous run of these runs (same data, a new arm)
+    changes = store.read_json(f"{result['report']['key']}/changes.json")
+    assert not changes["first_run"] and not changes["data_changed"] and changes["n_added"] == 0
+    assert "closed_set 50:50" in changes["new_arms"]
+    assert "## Since the previous run" in store.read_bytes(result["report"]["report"]).decode()
     ran = {name for name, s in states.items() if "Completed" in s}
     cached = {name for name, s in states.items() if s == ["Cached"] * len(s)}
     assert {"train-100:0-seed0", "train-100:0-seed1", "ingest", "prepare-closed_set"} <= cached

@@ -473,4 +473,4 @@ def test_served_deployments_rerun_once_per_drop_of_new_images(moto_server, s3_bu
     n_shards = -(-240 // rc.data.shard_size)
     assert states == {name: ["Completed"] for name in [
         "ingest", *(f"pack-32px-{i}" for i in range(n_shards)), "plan-generation", "reference-classifier",
-        "train-100:0-seed0", "report", "publish-report"]}, states
+        "train-100:0-seed0", "previous-run", "report", "record-run", "publish-report"]}, states

@@ -27,6 +27,7 @@ from porcelain.report import plots
 from porcelain.report.html import render_html
 from porcelain.report.csvsafe import csv_safe, write_csv
 from porcelain.storage import Store
+from porcelain.watch import changes_markdown, changes_since, run_digest, with_images
 
 METRICS = ("macro_f1", "accuracy", "minority_macro_f1")
 DELTA_METRICS = ("macro_f1", "minority_macro_f1")
@@ -209,7 +210,11 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     store.write_bytes(f"{base}/results.csv", buf.getvalue().encode())
     store.write_json(f"{base}/table.json", {"rows": table})
 
+    changes = changes_since(with_images(store, summary.get("previous")),
+                            with_images(store, run_digest(data["data_hash"], table)))
+    store.write_json(f"{base}/changes.json", changes)
     md = _markdown(summary, agg, figs, key)
+    md = md.rstrip("\n") + "\n\n" + "\n".join(changes_markdown(changes))
     store.write_bytes(f"{base}/report.md", md.encode("utf-8"))
     # one file to mail or open from the store: the same report with its figures embedded
     store.write_bytes(f"{base}/report.html",
