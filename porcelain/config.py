@@ -206,6 +206,9 @@ class ClassifierConfig(_Model):
                               "(2 splits × 2 seeds) sampler, loss, both and neither were within noise of each other.")
     class_weighted_loss: bool = Field(True, description="Effective-number class weights in the loss (from real counts).")
     augment: bool = Field(True, description="Random resized crops (and flips when hflip).")
+    synthetic_label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0, description="Label smoothing of the synthetic images' targets only (e.g. 0.1 for SGD-Mix's mixed "
+        "images, whose seams may carry the target's class); real images keep hard labels. 0: off.")
     hflip: bool = Field(False, description="Random horizontal flips: only for images whose labels survive "
                         "mirroring (vessels, glazes); never for text, digits or asymmetric marks.")
     eval_every: Annotated[int, Field(ge=1)] | None = Field(

@@ -345,6 +345,28 @@ def test_learning_rate_warms_up_then_follows_a_cosine(narrow_cnn):
     assert lr[4 + 18] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 18 / 36)))
 
 
+def test_per_image_loss_weights_of_one_train_as_the_plain_loss_and_zero_weights_drop_images(narrow_cnn):
+    """The adaptive arm's path: weights of 1 (and smoothing 0) follow the plain loss step for step;
+    a head whose weight is 0 on every image never learns (its loss is 0); smoothing changes the loss."""
+    images, labels = _planted(48)
+    kw = dict(counts=_planted_counts(labels), steps=6, batch_size=16, seed=0, device="cpu")
+    _, plain = train_classifier(narrow_cnn(), images, labels, tuple(PLANTED), **kw)
+    ones = np.ones((48, len(PLANTED)), np.float32)
+    _, weighted = train_classifier(narrow_cnn(), images, labels, tuple(PLANTED), sample_task_weights=ones,
+                                   sample_label_smoothing=np.zeros(48, np.float32), **kw)
+    np.testing.assert_allclose(weighted["step_loss"], plain["step_loss"], rtol=1e-4, atol=1e-5)
+    off = ones.copy()
+    off[:, 0] = 0
+    _, dropped = train_classifier(narrow_cnn(), images, labels, tuple(PLANTED), sample_task_weights=off, **kw)
+    first = list(PLANTED)[0]
+    assert all(v == 0 for v in dropped["task_loss"][first]) and dropped["step_loss"][0] < plain["step_loss"][0]
+    _, smooth = train_classifier(narrow_cnn(), images, labels, tuple(PLANTED),
+                                 sample_label_smoothing=np.full(48, 0.2, np.float32), **kw)
+    assert abs(smooth["step_loss"][0] - plain["step_loss"][0]) > 1e-4
+    with pytest.raises(ValueError, match="sample_task_weights"):
+        train_classifier(narrow_cnn(), images, labels, tuple(PLANTED), sample_task_weights=ones[:3], **kw)
+
+
 def test_macro_f1_matches_torchmetrics():
     from torchmetrics.classification import MulticlassF1Score
 

@@ -337,6 +337,13 @@ def test_a_zero_loss_weight_leaves_an_image_out_of_that_head_exactly():
     full = torch.nn.functional.cross_entropy(logits, target, weight=cw)  # all ones: PyTorch's weighted mean
     assert torch.allclose(weighted_task_loss(logits, target, cw, torch.ones(8)), full)
     assert weighted_task_loss(logits, target, cw, torch.zeros(8)) == 0
+    # smoothing ε: PyTorch's label smoothing for that image (unweighted classes, one image at a time)
+    eps = torch.tensor([0.1] * 8)
+    for i in range(3):
+        smooth = torch.nn.functional.cross_entropy(logits[i:i + 1], target[i:i + 1], label_smoothing=0.1)
+        assert torch.allclose(weighted_task_loss(logits[i:i + 1], target[i:i + 1], None, torch.ones(1), eps[:1]), smooth)
+    mixed = torch.tensor([0.0] * 4 + [0.1] * 4)  # real images stay hard
+    assert torch.allclose(weighted_task_loss(logits, target, cw, keep, mixed), ref)
 
 
 def test_equivalence_from_sweep_runs_recovers_the_rate_of_constructed_runs():

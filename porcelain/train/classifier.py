@@ -243,11 +243,15 @@ class _IndexStream:
 
 
 def weighted_task_loss(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
-                       sample_weight: torch.Tensor) -> torch.Tensor:
+                       sample_weight: torch.Tensor, smoothing: torch.Tensor | None = None) -> torch.Tensor:
     """One head's cross-entropy with a weight per image: ``Σ wᵢ·cᵢ·ℓᵢ / Σ wᵢ·cᵢ`` (``cᵢ`` the class
     weight of image i's label). All ``wᵢ = 1`` is PyTorch's class-weighted mean; ``wᵢ = 0`` leaves
-    image i out of this head exactly; a batch with no weight left gives 0."""
+    image i out of this head exactly; a batch with no weight left gives 0. ``smoothing[i] = ε``
+    smooths image i's target: ``ℓᵢ = (1 − ε)·CE + ε·mean over classes of −log p``."""
     per = F.cross_entropy(logits, target, reduction="none")
+    if smoothing is not None:
+        eps = smoothing.to(per.dtype)
+        per = (1 - eps) * per - eps * torch.log_softmax(logits, dim=-1).mean(dim=-1)
     cw = class_weight[target] if class_weight is not None else torch.ones_like(per)
     w = sample_weight.to(per.dtype) * cw
     return (w * per).sum() / w.sum().clamp_min(1e-12)
@@ -279,6 +283,7 @@ def train_classifier(
     epochs: int | None = None,
     progress: ProgressFn = null_progress,
     sample_task_weights: np.ndarray | None = None,
+    sample_label_smoothing: np.ndarray | None = None,
 ) -> tuple[MultiTaskClassifier, dict[str, Any]]:
     """Train ``model`` in place for ``steps`` optimizer steps; return ``(model, history)`` in eval mode.
 
@@ -365,6 +370,14 @@ def train_classifier(
             raise ValueError(f"sample_task_weights must be finite, >= 0 and N×T = {(len(labels), len(task_names))}, "
                              f"got {w_np.shape}")
         w_all = torch.from_numpy(w_np).to(dev)
+    eps_all = None
+    if sample_label_smoothing is not None:  # e.g. synthetic images' soft targets
+        eps_np = np.asarray(sample_label_smoothing, np.float32)
+        if eps_np.shape != (len(labels),) or not ((eps_np >= 0) & (eps_np < 1)).all():
+            raise ValueError(f"sample_label_smoothing must be N = {len(labels)} values in [0, 1), got {eps_np.shape}")
+        eps_all = torch.from_numpy(eps_np).to(dev)
+        if w_all is None:
+            w_all = torch.ones((len(labels), len(task_names)), device=dev)
     pin = False
     if dev.type == "cuda":
         if x_all.numel() <= GPU_RESIDENT_BYTES:  # small uint8 datasets live on the GPU: no per-batch copies
@@ -434,7 +447,8 @@ def train_classifier(
                 ]
             else:
                 wb = w_all[idx.to(w_all.device)]
-                task_losses = [weighted_task_loss(logits[task].float(), y[:, t], class_w[t], wb[:, t])
+                eb = eps_all[idx.to(eps_all.device)] if eps_all is not None else None
+                task_losses = [weighted_task_loss(logits[task].float(), y[:, t], class_w[t], wb[:, t], eb)
                                for t, task in enumerate(task_names)]
             stacked = torch.stack(task_losses)
             loss = stacked.sum()

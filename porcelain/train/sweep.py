@@ -104,6 +104,10 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
         x, y = np.concatenate([real_x, syn_x]), np.concatenate([real_y, syn_y])
     else:
         x, y = real_x, real_y
+    smooth = None
+    if cfg.synthetic_label_smoothing > 0 and len(syn_x):  # soft targets for the synthetic images only
+        smooth = np.zeros(len(x), np.float32)
+        smooth[len(real_x):] = cfg.synthetic_label_smoothing
     sample_w = None
     if synthetic_task_weights:  # real images weigh 1 on every head; synthetic ones as chosen per task
         sample_w = np.ones((len(x), len(tasks)), np.float32)
@@ -118,7 +122,7 @@ def _run(store: Store, data: dict[str, Any], ratio: str, seed: int, synthetic: d
         class_weighted_loss=cfg.class_weighted_loss, augment=cfg.augment, hflip=cfg.hflip, seed=seed,
         device=runtime.device, dtype=runtime.dtype, val=val if len(val[0]) else None,
         eval_every=cfg.eval_every, patience=cfg.patience, progress=LogProgress(f"classifier {ratio} seed {seed}"),
-        sample_task_weights=sample_w,
+        sample_task_weights=sample_w, sample_label_smoothing=smooth,
     )
     seconds = time.monotonic() - start
     test_x, test_y = load_split(store, h, size, n_shards, "test")
