@@ -132,3 +132,35 @@ def test_synthesizer_entries_are_checked_by_their_kind():
                                                                         "sampling": {"guidance": 1.0}}]})
     assert [s.label for s in two.synthesizers] == ["closed_set", "w1"]
     assert config_from_dict({"synthesizers": []}).synthesizers == []
+
+
+def test_runtime_engine_keys_are_checked_and_stay_out_of_cache_keys():
+    from porcelain.runtime import runtime_identity
+
+    rt = config_from_dict({"runtime": {"engine": "dask", "dask_workers": 4, "dask_threads_per_worker": 2,
+                                       "device": "cpu"}}).runtime
+    assert (rt.engine, rt.dask_address, rt.dask_workers, rt.dask_threads_per_worker, rt.gpus_per_worker) == \
+        ("dask", None, 4, 2, None)
+    assert config_from_dict({}).runtime.engine == "threads"
+    # the engine says where tasks run, not what they compute: the same numeric identity, so the same keys
+    assert runtime_identity(rt) == runtime_identity(config_from_dict({"runtime": {"device": "cpu"}}).runtime)
+    # a config re-read from its own full dump (as the flow does) passes, for both engines
+    for data in ({}, {"runtime": {"engine": "dask", "dask_address": "tcp://10.0.0.5:8786"}}):
+        cfg = config_from_dict(data)
+        assert config_from_dict(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ConfigError, match=r"runtime.dask_address applies to engine dask only"):
+        config_from_dict({"runtime": {"dask_address": "tcp://10.0.0.5:8786"}})
+    with pytest.raises(ConfigError, match=r"runtime.dask_workers applies to engine dask only"):
+        config_from_dict({"runtime": {"dask_workers": 3}})
+    with pytest.raises(ConfigError, match=r"runtime.dask_workers sets up a local cluster, but dask_address"):
+        config_from_dict({"runtime": {"engine": "dask", "dask_address": "tcp://h:8786", "dask_workers": 3}})
+    with pytest.raises(ConfigError, match=r"is not a scheduler address"):
+        config_from_dict({"runtime": {"engine": "dask", "dask_address": "tcp://h: 8786"}})
+    with pytest.raises(ConfigError, match=r"gpus_per_worker is 0 but device is cuda.*wait forever"):
+        config_from_dict({"runtime": {"engine": "dask", "device": "cuda", "gpus_per_worker": 0}})
+    with pytest.raises(ConfigError, match=r"gpus_per_worker is 1 but device is cpu"):
+        config_from_dict({"runtime": {"engine": "dask", "device": "cpu", "gpus_per_worker": 1}})
+    with pytest.raises(ConfigError, match=r"runtime.engine: Input should be 'threads' or 'dask'"):
+        config_from_dict({"runtime": {"engine": "ray"}})
+    with pytest.raises(ConfigError, match=r"runtime.dask_worker: unknown key"):
+        config_from_dict({"runtime": {"engine": "dask", "dask_worker": 2}})
