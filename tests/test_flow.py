@@ -14,6 +14,8 @@ from tests.flowkit import tiny_config
 from tests.sd_fixtures import tiny_base  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.slow
+# uncached by design: they publish, or look up and record, what a run found
+ALWAYS_RUN = {"publish-report", "previous-run", "record-run"}
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +332,25 @@ def test_sgd_mix_starts_from_real_train_images_of_the_combination_and_reuses_its
     assert store.read_bytes(f"{report_dir}/audit-sgd_mix.png").startswith(b"\x89PNG")
     body_calls.clear()
     _, again = _run(both)
-    assert body_calls == [] and set(s for v in again.values() for s in v) == {"Cached"}
+    computed = {k: v for k, v in again.items() if k not in ALWAYS_RUN}
+    assert body_calls == [] and set(s for v in computed.values() for s in v) == {"Cached"}
+    # strength auto: each image at the largest candidate S whose result the reference still labels as
+    # its source (every task at least auto_confidence); the smallest when none does
+    auto = {**both["synthesizers"][1], "name": "mix_auto", "strength": "auto", "auto_strengths": [0.3, 0.9],
+            "auto_confidence": 0.3}
+    both["synthesizers"] = [both["synthesizers"][0], auto]
+    result, states = _run(both)
+    assert states["generate-mix_auto-" + next(k.split("generate-mix_auto-")[1] for k in states
+                                              if k.startswith("generate-mix_auto-"))] == ["Completed"]
+    docs = [store.read_json(k) for k in store.list("synthetic") if k.endswith(".json")]
+    prov = [im["provenance"] for d in docs if d["provenance"]["synthesizer"] == "sgd_mix"
+            and d["provenance"].get("strength") == "auto" for im in d["images"]]
+    assert prov and {p["strength"] for p in prov} <= {0.3, 0.9}
+    for p in prov:  # the choice follows the rule, from the reference's confidence at each candidate
+        conf = {float(s): c for s, c in p["auto_strength_confidence"].items()}
+        kept = [s for s, c in conf.items() if c >= 0.3]
+        assert p["strength"] == (max(kept) if kept else 0.3) and p["auto_strength_kept_label"] == bool(kept)
+    assert "mix_auto 80:20" in store.read_bytes(result["report"]["report"]).decode()
 
 
 @pytest.fixture(scope="session")

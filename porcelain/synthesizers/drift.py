@@ -104,10 +104,13 @@ def measure_drift(store: Store, data: dict[str, Any], ref: ModelRef | dict[str, 
             dist = pixel_distance(images, steps["source"])
             rows.append({"strength": s, "drift": {t: float(v) for t, v in zip(tasks, shares)},
                          "distance_median": float(np.median(dist)), "distance_mean": float(np.mean(dist))})
-        _, _, steps = syn.augment(store, ref, cfg, src[:6], seed=DRIFT_SEED, first_index=0,
-                                  strength=float(getattr(cfg, "strength")), runtime=runtime)
+        strength = getattr(cfg, "strength")
+        strength = strength if strength == "auto" else float(strength)
+        augment = getattr(syn, "augment_any", syn.augment)
+        _, _, steps = augment(store, ref, cfg, src[:6], seed=DRIFT_SEED, first_index=0, strength=strength,
+                              runtime=runtime)
         audit = store.write_bytes(f"{key}/audit.png", audit_grid(steps))
-        out = {"rows": rows, "n_images": int(len(src)), "strength": float(getattr(cfg, "strength")),
+        out = {"rows": rows, "n_images": int(len(src)), "strength": strength,
                "audit": audit, "audit_columns": list(steps), "tasks": [t for t in data["tasks"] if t in tasks]}
         store.write_json(f"{key}/drift.json", out)
         return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -40,16 +40,17 @@ from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, SynthesizerConfig
 from porcelain.synthesizers.drift import DriftSettings
 from porcelain.synthesizers.sd_lora import image_seed
-from porcelain.synthesizers.sources import ImageConditioned, RefinerSettings, source_rows
+from porcelain.synthesizers.sources import AutoStrengthSettings, ImageConditioned, RefinerSettings, source_rows
 
 
-class SgdMixConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
+class SgdMixConfig(SynthesizerConfig, AutoStrengthSettings, DriftSettings, RefinerSettings):
     """``{kind: sgd_mix, strength: 0.5, saliency: gradcam, candidates: 30, generator: {...}, sampling: {...}}``,
     or with ``refiner: sd_lora`` an ``sd: {base: ..., ...}`` block instead of ``generator``/``sampling``."""
 
     kind: Literal["sgd_mix"] = "sgd_mix"
-    strength: float = Field(0.5, ge=0.0, le=1.0, description=(
-        "img2img strength S of the refinement: 0 keeps the mix as is, 1 is txt2img from noise (the mix is lost)."))
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(0.5, description=(
+        "img2img strength S of the refinement: 0 keeps the mix as is, 1 is txt2img from noise (the mix is lost); "
+        "auto: per image, the largest of auto_strengths whose result keeps its label (the reference judges)."))
     saliency: Literal["gradcam", "spectral"] = Field("gradcam", description=(
         "gradcam: Grad-CAM of the reference classifier (mean over task heads, or saliency_task); spectral: "
         "spectral-residual saliency (no classifier, cheaper, the paper's alternative)."))
@@ -60,12 +61,13 @@ class SgdMixConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Refiner sampling (steps, guidance).")
 
     def prepare_identity(self) -> dict[str, Any]:
+        auto = {"auto_strength": True} if self.strength == "auto" else {}  # (its prepared model holds the reference)
         return {"kind": self.kind, "refiner": self.refiner_config().prepare_identity(), "saliency": self.saliency,
-                "saliency_task": self.saliency_task}
+                "saliency_task": self.saliency_task, **auto}
 
     def identity(self) -> dict[str, Any]:
         return {**self.prepare_identity(), "strength": self.strength, "candidates": self.candidates,
-                **self.sampling_identity()}
+                **self.sampling_identity(), **self.auto_identity()}
 
     def image_sizes(self) -> list[int]:
         return [self.resolution]
@@ -137,6 +139,10 @@ class SgdMix(ImageConditioned):
         reference = (context or {}).get("reference")
         maps, seconds = saliency_maps(store, data, cfg, reference, runtime)
         extra = {"resolution": cfg.resolution} if cfg.refiner == "sd_lora" else {}
+        if cfg.strength == "auto":  # each image's strength is judged by the reference when it is made
+            if reference is None:
+                raise ValueError("sgd_mix strength auto needs the reference classifier")
+            extra["reference"] = reference
         return self.model_ref(refiner, data, "saliency", maps, saliency_seconds=round(seconds, 2), **extra)
 
     def augment(self, store: Store, ref: ModelRef, cfg: SgdMixConfig, src: np.ndarray, *, seed: int, first_index: int,
@@ -173,8 +179,8 @@ class SgdMix(ImageConditioned):
     def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SgdMixConfig,
                  runtime: RuntimeConfig) -> Generated:
         src = source_rows(store, ref.meta["data_hash"], spec)
-        out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
-                                    strength=cfg.strength, runtime=runtime)
+        out, prov, _ = self.augment_any(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
+                                        strength=cfg.strength, runtime=runtime)
         if cfg.refiner == "sd_lora":
             inf = cfg.sd.inference
             shard = {**self.refiner_shard(ref, cfg), "saliency": cfg.saliency, "strength": cfg.strength,

@@ -113,10 +113,77 @@ class RefinerSettings(BaseModel):
         return {"sampling": self.sampling.model_dump(mode="json", exclude={"batch_size"})}  # type: ignore[attr-defined]
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+class AutoStrengthSettings(BaseModel):
+    """``strength: auto``: each image's strength chosen from ``auto_strengths`` (beyond SGD-Mix)."""
+
+    auto_strengths: list[float] = Field([0.3, 0.5, 0.7, 0.9], min_length=1, description=(
+        "strength: auto: the candidates; each image gets the largest at which the reference classifier still "
+        "gives every task's source label at least auto_confidence (else the smallest): as much change as the "
+        "label survives, per image, instead of one S for all."))
+    auto_confidence: float = Field(0.5, gt=0, lt=1, description="strength: auto: the reference's required probability.")
+
+    @field_validator("auto_strengths")
+    @classmethod
+    def _auto_sorted(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in v) or len(set(v)) != len(v):
+            raise ValueError("auto_strengths must be distinct values in (0, 1]")
+        return sorted(v)
+
+    def auto_identity(self) -> dict[str, Any]:
+        if getattr(self, "strength", None) != "auto":
+            return {}
+        return {"auto_strengths": self.auto_strengths, "auto_confidence": self.auto_confidence}
+
+
 class ImageConditioned(Synthesizer):
     """Shared by kinds that edit real train images with a refiner (:class:`RefinerSettings`)."""
 
     image_conditioned = True
+
+    def augment_any(self, store: Store, ref: ModelRef, cfg: Any, src: np.ndarray, *, seed: int, first_index: int,
+                    strength: float | str, runtime: Any) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
+        """:meth:`augment` at a fixed strength, or with ``"auto"`` each image at the largest candidate
+        strength whose refined image the reference classifier still gives its source's labels (every
+        task's probability ≥ ``cfg.auto_confidence``); the smallest candidate when none does. Each
+        image's seed is the same at every candidate, so the choice is the only difference."""
+        if strength != "auto":
+            return self.augment(store, ref, cfg, src, seed=seed, first_index=first_index, strength=float(strength),
+                                runtime=runtime)
+        from porcelain.evaluate.reference import load_reference
+        from porcelain.synthesizers.drift import _resize
+        from porcelain.train.classifier import predict_logits
+
+        reference = ref.meta.get("reference")
+        if reference is None:
+            raise ValueError(f"{self.kind}: strength auto needs the reference classifier in the prepared model")
+        model = load_reference(store, reference)
+        tasks = list(model.task_names)
+        _, labels = load_split(store, ref.meta["data_hash"], cfg.resolution, ref.meta["n_shards"], "train")
+        data_tasks = reference.get("tasks") or tasks
+        want = labels[src][:, [data_tasks.index(t) for t in tasks]]
+        tries = []
+        for s in cfg.auto_strengths:
+            out, prov, steps = self.augment(store, ref, cfg, src, seed=seed, first_index=first_index, strength=s,
+                                            runtime=runtime)
+            logits = predict_logits(model, _resize(out, reference["image_size"]), device=runtime.device,
+                                    dtype=runtime.dtype)
+            p = np.stack([_softmax(logits[t])[np.arange(len(src)), want[:, k]] for k, t in enumerate(tasks)], 1)
+            tries.append((s, out, prov, steps, p.min(1)))
+        ok = np.stack([t[4] >= cfg.auto_confidence for t in tries], 1)  # images × candidates
+        pick = np.where(ok.any(1), ok.shape[1] - 1 - np.argmax(ok[:, ::-1], 1), 0)
+        out = np.stack([tries[c][1][i] for i, c in enumerate(pick)])
+        prov = [{**tries[c][2][i], "strength": tries[c][0], "auto_strength_kept_label": bool(ok[i, c]),
+                 "auto_strength_confidence": {f"{t[0]:g}": round(float(t[4][i]), 4) for t in tries}}
+                for i, c in enumerate(pick)]
+        steps = {k: (np.stack([tries[c][3][k][i] for i, c in enumerate(pick)]) if k == "refined" else v)
+                 for k, v in tries[0][3].items()}
+        steps["refined"] = out
+        return out, prov, steps
 
     def plan(self, store: Store, data: dict[str, Any], cfg: Any, need: dict[Combo, int], shard_size: int,
              seed: int) -> list[ShardSpec]:
