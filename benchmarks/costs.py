@@ -29,6 +29,12 @@ training steps and 10 sampling steps, 40 classifier steps, ratios 100:0 and 90:1
 manifest must be local). One Prefect server is started for all runs (its start is not in any time; it
 is printed); ``--ephemeral-server`` lets every run start its own, as ``porcelain run`` does (then its
 start is in every time and task states are not read back).
+
+In a checkout that others edit, run it from a copy, so that no run sees other code than the one before
+it (the table warns when porcelain/, tasks/ or flows/ changed during the benchmark)::
+
+    mkdir /tmp/porcelain-snap && tar -c --exclude=./.git --exclude=./.venv --exclude=./.prefect . | tar -x -C /tmp/porcelain-snap
+    .venv/bin/python /tmp/porcelain-snap/benchmarks/costs.py
 """
 
 from __future__ import annotations
@@ -209,6 +215,19 @@ def child(mode: str, cfg: Path, work: Path, name: str, env: dict[str, str], *ext
     return res
 
 
+def code_digest() -> str:
+    """A digest of the code the runs import (porcelain/, tasks/, flows/): in a checkout that others edit,
+    a change between two runs makes their ratio meaningless (cache keys follow stage code)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for top in ("porcelain", "tasks", "flows"):
+        for f in sorted((ROOT / top).rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".yaml", ".json") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def generator_refs(store: Path) -> list[str]:
     return sorted(str(p.relative_to(store)) for p in (store / "generators").glob("*/ref.json"))
 
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("PREFECT_API_URL", None)
     server = None
     load0 = os.getloadavg()
+    digest0 = code_digest()
     t_all = time.monotonic()
     try:
         base = yaml.safe_load(args.config.read_text(encoding="utf-8")) if args.config else default_config(args.quick)
@@ -319,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     total = time.monotonic() - t_all
+    digest1 = code_digest()
 
     shards = data["shards_full"]
     goal_shard = 1 / shards + 0.05
@@ -328,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
           f"in {shards} (data.shard_size {data['shard_size']}); runtime.workers {workers}")
     print("Prefect server: " + (f"one for all runs, started in {server.start_seconds:.1f} s (not in any time)"
                                 if server else "each run starts its own temporary server (in every time)"))
+    print(f"code: {ROOT} (porcelain/tasks/flows digest {digest0})" + (
+        "" if digest1 == digest0 else f"; WARNING: the code changed during the benchmark (now {digest1}): rows "
+        "measured before and after the change are not comparable; run it from a copy of the checkout"))
     print("Times are whole processes (python start to exit, imports included) unless a row says otherwise.")
     print()
     print("| what | measured A | measured B | A / B | goal | met? |")
