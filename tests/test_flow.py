@@ -118,15 +118,19 @@ def test_changing_one_ratio_recomputes_only_what_depends_on_it(first_run, body_c
     assert grown and body_calls.count("generate_shard") == len([n for n in ran if n.startswith("generate-")])
 
 
-def test_real_fractions_add_learning_curve_runs_and_the_equivalence_scale(first_run, body_calls):
+def test_equivalence_runs_and_the_adaptive_arm_join_the_sweep_and_the_report(first_run, body_calls):
     """sweep.real_fractions: real-only runs on half the real set (same steps), not verdict arms; the
-    report fits how many synthetic images are worth a real one. Everything else is cached."""
+    report fits how many synthetic images are worth a real one. sweep.adaptive: an arm chosen on val,
+    judged on test beside the fixed ratio. Everything else is cached (one flow run for both, to keep
+    the suite short)."""
     cfg, _, _ = first_run
     eq = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1],
-                                                   "real_fractions": [0.5]})
+                                                   "real_fractions": [0.5], "adaptive": True})
     result, states = _run(eq)
     assert states["train-real 50%-seed0"] == ["Completed"] and states["train-100:0-seed0"] == ["Cached"]
-    assert body_calls.count("train_and_evaluate") == 2 and "prepare_synthesizer" not in body_calls
+    assert states["choose-adaptive-closed_set"] == ["Completed"] and "train-closed_set adaptive-seed1" in states
+    assert states["train-closed_set 80:20-seed0"] == ["Cached"]
+    assert body_calls.count("train_and_evaluate") == 4 and "prepare_synthesizer" not in body_calls
     store = Store(cfg["storage"]["url"])
     runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
     half = [r for r in runs if r.get("real_fraction") == 0.5]
@@ -137,16 +141,6 @@ def test_real_fractions_add_learning_curve_runs_and_the_equivalence_scale(first_
     assert "## How many synthetic images are worth one real image" in md
     verdicts = md.split("## Which method helps which task", 1)[-1].split("\n## ", 1)[0]
     assert "real 50%" not in verdicts  # a learning-curve point is not a method
-
-
-def test_adaptive_arm_is_chosen_on_val_and_judged_on_test_beside_the_fixed_ratios(first_run, body_calls):
-    cfg, _, _ = first_run
-    ad = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0, 1], "adaptive": True})
-    result, states = _run(ad)
-    assert states["choose-adaptive-closed_set"] == ["Completed"]
-    assert states["train-closed_set 80:20-seed0"] == ["Cached"] and "train-closed_set adaptive-seed1" in states
-    store = Store(cfg["storage"]["url"])
-    md = store.read_bytes(result["report"]["report"]).decode()
     assert "## Adaptive per-task weights of the synthetic images" in md
     section = md.split("## Adaptive per-task weights", 1)[1].split("\n## ", 1)[0]
     rows = [ln for ln in section.splitlines() if ln.startswith("| closed_set |")]
