@@ -1,10 +1,10 @@
-"""Scale-out on prefect-dask: the generation stage on a real local Dask cluster of 2 worker processes
-writes exactly what the single-process run writes, the tasks run in the workers, and GPU-annotated
-tasks run only on workers that declare the resource (and wait, unscheduled, where none does)."""
+"""Scale-out on prefect-dask: the pipeline on a real local Dask cluster of 2 worker processes writes
+exactly the shards the single-process run writes, its submitted tasks run in the workers, and
+GPU-annotated tasks run only on workers that declare the resource (and wait, unscheduled, where none
+does)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -12,78 +12,12 @@ from typing import Any
 
 import pytest
 from prefect import flow, task
-from prefect.context import FlowRunContext
 
 from flows import engine
 from porcelain.config import RuntimeConfig, config_from_dict
-from porcelain.data.source import BUILTIN
 from porcelain.hashing import code_version
 from porcelain.storage import Store
-from tasks import stages
-from tasks.policy import result_storage_for
 from tests.flowkit import tiny_config
-
-
-def _submit(task_: Any, calls: list[tuple], workers: int) -> list[Any]:
-    # as flows/pipeline.py: at most `workers` runs in flight
-    futures: list[Any] = []
-    for args in calls:
-        if len(futures) >= workers:
-            futures[len(futures) - workers].wait()
-        futures.append(task_.submit(*args))
-    return futures
-
-
-@flow(name="porcelain-generation-stage", persist_result=False)
-def generation_stage(config: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline's stages up to generation, with the generation stage wired as flows/pipeline.py wires
-    it (``_submit`` bounded by runtime.workers, under ``engine.annotate``). On engine dask the flow
-    re-enters itself on the Dask task runner, as a deployment loaded from its entrypoint would. The stages
-    before generation are called in the flow's process (pack too, to keep the test short)."""
-    cfg = config_from_dict(config)
-    st, rt = cfg.storage, cfg.runtime
-    if not engine.uses(rt):
-        return generation_stage.with_options(task_runner=engine.task_runner_for(rt))(config)
-    results_at = result_storage_for(st)
-    t = {name: getattr(stages, name).with_options(retries=0, result_storage=results_at)
-         for name in ("builtin_data", "ingest", "pack_shard", "plan", "prepare", "generate")}
-    assert cfg.data.manifest in BUILTIN
-    src = t["builtin_data"](cfg.data, st)
-    data = t["ingest"](src["manifest"], src["root"], cfg.data, st)
-    for size in sorted({cfg.classifier.image_size, *(n for s in cfg.synthesizers for n in s.image_sizes())}):
-        for i in range(data["n_shards"]):
-            t["pack_shard"](data["data_hash"], i, data["n_shards"], size, st)
-    plan = t["plan"](data, cfg.sweep, cfg.generation, cfg.synthesizers, st)
-    (syn,) = cfg.synthesizers
-    model = t["prepare"](data, syn, None, st, rt)
-    runner = FlowRunContext.get().task_runner
-    on_dask = rt.engine == "dask"
-    if on_dask:  # the scheduler's record of which worker ran which task
-        from distributed import get_task_stream
-
-        stream: Any = get_task_stream(client=runner.client)
-    else:
-        stream = contextlib.nullcontext()
-    with stream as ts, engine.annotate(rt, "generation"):
-        futures = _submit(t["generate"], [(model, spec, syn, st, rt) for spec in plan["shards"][syn.label]], rt.workers)
-        shards = [f.result() for f in futures]
-    out: dict[str, Any] = {"shards": shards, "flow_pid": os.getpid(), "runner": type(runner).__name__}
-    if on_dask:
-        out["worker_pids"] = runner.client.run(os.getpid)  # address -> pid of each worker process
-        out["ran_on"] = [r["worker"] for r in ts.data if r["key"].startswith("generate")]
-        out["worker_resources"] = {a: w.get("resources", {}) for a, w in
-                                   runner.client.scheduler_info()["workers"].items()}
-    return out
-
-
-def _shard_files(store: Store, shards: list[Any]) -> dict[str, bytes]:
-    """Every stored file a run's shards consist of: the manifests and the images they name."""
-    files: dict[str, bytes] = {}
-    for s in shards:
-        files[s.key] = store.read_bytes(s.key)
-        for im in store.read_json(s.key)["images"]:
-            files[im["key"]] = store.read_bytes(im["key"])
-    return files
 
 
 def _without_code_version(manifest: bytes) -> dict[str, Any]:
@@ -92,37 +26,61 @@ def _without_code_version(manifest: bytes) -> dict[str, Any]:
     return doc
 
 
-def test_generation_on_two_dask_worker_processes_matches_one_process(prefect_harness, tmp_path):
+def _generated(store: Store) -> dict[str, bytes]:
+    """Every shard manifest a run wrote, and every image they name."""
+    files: dict[str, bytes] = {}
+    for key in store.list("synthetic"):
+        if "/shards/" in key:
+            files[key] = store.read_bytes(key)
+            for im in json.loads(files[key])["images"]:
+                files[im["key"]] = store.read_bytes(im["key"])
+    return files
+
+
+def test_pipeline_on_two_dask_worker_processes_generates_what_one_process_does(prefect_harness, tmp_path):
+    """The real pipeline flow with runtime.engine dask, on a LocalCluster of 2 worker processes (reached at
+    its address, so that the test can watch the scheduler), against the same run on threads."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from flows.pipeline import pipeline
+
     small = {"sweep": {"ratios": ["100:0", "95:5"], "seeds": [0]},
              "generator": {"preset": "tiny", "resolution": 32, "train_steps": 10, "batch_size": 16}}
-    one = tiny_config(str(tmp_path / "threads"), runtime={"workers": 1, "device": "cpu"}, **small)
-    two = tiny_config(str(tmp_path / "dask"), runtime={"workers": 2, "device": "cpu", "engine": "dask",
-                                                       "dask_workers": 2, "dask_threads_per_worker": 1}, **small)
-    # provenance's code_version hashes porcelain's source, once per process: it can only match between
-    # the flow's process and fresh worker processes if the source is the one the flow's process read
+    one = config_from_dict(tiny_config(str(tmp_path / "threads"), runtime={"workers": 1, "device": "cpu"}, **small))
+    # provenance's code_version hashes porcelain's source, once per process: fresh worker processes can
+    # only write the flow process's value if the source is still what this process read
     code_before = code_version.__wrapped__()
-    a = generation_stage(config_from_dict(one).model_dump(mode="json"))
-    b = generation_stage(config_from_dict(two).model_dump(mode="json"))
+    a = pipeline(one.model_dump(mode="json"), return_state=True)
+    assert a.is_completed(), a.message
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        two = config_from_dict(tiny_config(str(tmp_path / "dask"), runtime={
+            "workers": 2, "device": "cpu", "engine": "dask", "dask_address": cluster.scheduler_address}, **small))
+        with get_task_stream(client=client) as stream:  # the scheduler's record of every task and its worker
+            b = pipeline(two.model_dump(mode="json"), return_state=True)
+        worker_pids = client.run(os.getpid)
+    assert b.is_completed(), b.message
     code_unchanged = code_version() == code_before == code_version.__wrapped__()
 
-    assert a["runner"] == "ThreadPoolTaskRunner" and b["runner"] == "DaskTaskRunner"
-    assert len(a["shards"]) >= 2
-    # the same shards under the same keys, and byte for byte the same images and manifests
-    assert [s.key for s in a["shards"]] == [s.key for s in b["shards"]]
-    fa = _shard_files(Store(one["storage"]["url"]), a["shards"])
-    fb = _shard_files(Store(two["storage"]["url"]), b["shards"])
-    assert sorted(fa) == sorted(fb)
-    manifests = {s.key for s in a["shards"]}
+    # the same shards under the same keys, byte for byte the same images and manifests
+    fa, fb = _generated(Store(one.storage.url)), _generated(Store(two.storage.url))
+    manifests = {k for k in fa if k.startswith("synthetic/")}
+    assert len(manifests) >= 2 and sorted(fa) == sorted(fb)
     assert all(fa[k] == fb[k] for k in fa if k not in manifests)
     if code_unchanged:
         assert all(fa[k] == fb[k] for k in manifests)
     else:  # porcelain/ was edited since this process read it (a shared checkout): all but code_version
         assert all(_without_code_version(fa[k]) == _without_code_version(fb[k]) for k in manifests)
-    # every generation task ran in a worker process of the 2-process cluster, not in the flow's process
-    pids = b["worker_pids"]
-    assert len(pids) == 2 and b["flow_pid"] not in pids.values() and len(set(pids.values())) == 2
-    assert len(b["ran_on"]) == len(b["shards"]) and set(b["ran_on"]) <= set(pids)
-    assert all(not r for r in b["worker_resources"].values())  # a CPU run declares no GPUs
+    # the same classifier runs (content keys), and the same report sections
+    assert sorted(Store(one.storage.url).list("runs")) == sorted(Store(two.storage.url).list("runs"))
+    # the submitted stages ran in the 2 worker processes, none in the flow's process
+    ran = {}
+    for r in stream.data:
+        ran.setdefault(r["key"].split("-")[0], set()).add(r["worker"])
+    assert len(worker_pids) == 2 and os.getpid() not in worker_pids.values()
+    assert {"generate", "pack_shard", "train_evaluate"} <= set(ran)
+    assert set().union(*ran.values()) <= set(worker_pids)
+    assert sum(1 for r in stream.data if r["key"].startswith("generate")) == len(manifests)
 
 
 @task(name="gpu-probe")
