@@ -48,6 +48,7 @@ import torch
 
 from porcelain.errors import ConfigError
 from porcelain.generate.img2img import denoising_steps
+from porcelain.train.generator import images_to_tensor
 from porcelain.storage.store import Store
 
 from .lora import set_adapter_weights
@@ -148,8 +149,7 @@ def img2img(
         noise = torch.stack([initial_latents(seeds[i], shape) for i in idx])
         if k == steps:  # S = 1: pure noise, as txt2img
             return noise.to(device, dtype)
-        x = torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.dtype)
+        x = images_to_tensor(images[idx]).to(device, vae.dtype)
         x0 = vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
         noised = sched.add_noise(x0, noise.to(device), t_start.to(device).expand(len(idx)))
         return (noised / sched.init_noise_sigma).to(device, dtype)

@@ -39,7 +39,7 @@ from porcelain.generate.sampling import (
 )
 from porcelain.models.generator import ConditionalUNet
 from porcelain.progress import ProgressFn, null_progress
-from porcelain.train.generator import labels_to_tensor
+from porcelain.train.generator import images_to_tensor, labels_to_tensor
 
 __all__ = ["denoising_steps", "guidance_from_similarity", "img2img"]
 
@@ -109,8 +109,7 @@ def img2img(
         noise = image_noise(seed, range(first_index + start, first_index + stop), shape).to(dev)
         if k == steps:  # S = 1: pure noise, as sample_images
             return noise * scheduler.init_noise_sigma
-        x0 = torch.from_numpy(np.ascontiguousarray(images_uint8[start:stop])).to(dev)
-        x0 = x0.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x0 = images_to_tensor(images_uint8[start:stop]).to(dev)
         tt = torch.full((stop - start,), t_start, dtype=torch.long, device=dev)
         return scheduler.add_noise(x0, noise, tt)
 
