@@ -88,7 +88,6 @@ def wait_until_recorded(flow_run_id, timeout_s: float = 15.0) -> None:
     from prefect.client.schemas.objects import StateType
 
     final = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     not_final = [t for t in StateType if t not in final]
     open_ = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=not_final)))
 
@@ -100,6 +99,14 @@ def wait_until_recorded(flow_run_id, timeout_s: float = 15.0) -> None:
 
     async def poll() -> None:
         async with get_client() as client:
+            # the run and its subflow runs (with runtime.engine dask, the flow reruns itself on that runner)
+            from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
+
+            parent = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            response = await client.request("POST", "/flow_runs/filter", json={
+                "flow_runs": parent.model_dump(mode="json"), "limit": 100, "sort": "ID_DESC"})
+            response.raise_for_status()
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id, *(r["id"] for r in response.json())]))
             deadline, last = time.monotonic() + timeout_s, -1
             while time.monotonic() < deadline:
                 n = await count(client, flow_runs=runs)
