@@ -19,12 +19,9 @@ No Prefect here: the watcher flow (flows/watcher.py) emits the event.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import posixpath
-import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
@@ -237,40 +234,9 @@ def claim_key(dataset: str, snapshot_hash: str) -> str:
 
 
 def create_if_absent(store: Store, key: str, data: bytes) -> bool:
-    """Write ``data`` at ``key`` only if nothing is there; True for the one writer that did.
-
-    Local disks: the bytes go to a temporary file that is hard-linked into place (``link`` fails when
-    the name exists, so of two writers exactly one wins and a reader never sees a partial file).
-    Object stores: a conditional PUT (``If-None-Match: *``), which S3 and MinIO honour.
-    """
-    path = store.path(key)
-    if store.local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    try:
-        store.fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    except OSError as e:  # s3fs maps 412 Precondition Failed to EINVAL in some versions
-        if e.errno == errno.EINVAL and "Precondition" in str(e):
-            return False
-        raise
-    finally:
-        store.fs.invalidate_cache(posixpath.dirname(path))
-    return True
+    """Write ``data`` at ``key`` only if nothing is there; True for the one writer that did
+    (:meth:`~porcelain.storage.store.Store.create`)."""
+    return store.create(key, data)
 
 
 def claim(store: Store, landed: Landed, by: str | None = None) -> bool:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import errno
 import os
 import time
 import posixpath
@@ -106,21 +107,57 @@ class Store:
         return sorted(out)
 
     # -- writes ----------------------------------------------------------------------------------
+    @staticmethod
+    def _place(path: str, data: bytes, put: Any) -> Any:
+        """Local disks: write ``data`` to a temporary file beside ``path``, synced, then ``put(tmp, path)``
+        (os.replace to publish it, os.link to publish it only if the name is free); a reader never sees a
+        partial file, and the temporary file is gone afterwards."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return put(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if nothing is there; True for the one writer that did (a claim).
+
+        Local disks: a hard link of the synced temporary file (``link`` fails when the name exists, so of
+        two writers exactly one wins). Object stores: a conditional PUT (``If-None-Match: *``), which S3
+        and MinIO honour.
+        """
+        path = self.path(key)
+        if self.local:
+            def link(tmp: str, dst: str) -> bool:
+                try:
+                    os.link(tmp, dst)
+                except FileExistsError:
+                    return False
+                return True
+
+            return self._place(path, data, link)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs maps 412 Precondition Failed to EINVAL in some versions
+            if e.errno == errno.EINVAL and "Precondition" in str(e):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(posixpath.dirname(path))
+        return True
+
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write ``data`` at ``key`` atomically; return the key."""
         path = self.path(key)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            self._place(path, data, os.replace)
         else:
             # One PUT: object stores make the object visible whole or not at all.
             self.fs.pipe_file(path, data)
