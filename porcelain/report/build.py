@@ -210,11 +210,12 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     store.write_bytes(f"{base}/results.csv", buf.getvalue().encode())
     store.write_json(f"{base}/table.json", {"rows": table})
 
-    changes = changes_since(with_images(store, summary.get("previous")),
-                            with_images(store, run_digest(data["data_hash"], table)))
-    store.write_json(f"{base}/changes.json", changes)
     md = _markdown(summary, agg, figs, key)
-    md = md.rstrip("\n") + "\n\n" + "\n".join(changes_markdown(changes))
+    if "previous" in summary:  # the flow looked up the previous run of this deployment (None: the first)
+        changes = changes_since(with_images(store, summary["previous"]),
+                                with_images(store, run_digest(data["data_hash"], table)))
+        store.write_json(f"{base}/changes.json", changes)
+        md = md.rstrip("\n") + "\n\n" + "\n".join(changes_markdown(changes))
     store.write_bytes(f"{base}/report.md", md.encode("utf-8"))
     # one file to mail or open from the store: the same report with its figures embedded
     store.write_bytes(f"{base}/report.html",
