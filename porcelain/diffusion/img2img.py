@@ -53,7 +53,7 @@ from porcelain.storage.store import Store
 
 from .lora import set_adapter_weights
 from .settings import SdLoraSettings, parse_settings
-from .txt2img import initial_latents, run_with_oom_backoff
+from .txt2img import initial_latents, negative_prompts, run_with_oom_backoff
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -116,12 +116,7 @@ def img2img(
     if len(images) != n or len(seeds) != n:
         raise ValueError(f"need one source and one seed per prompt: {n} prompts, {len(images)} images, "
                          f"{len(seeds)} seeds")
-    if isinstance(negative_prompt, str) or negative_prompt is None:
-        negatives = [negative_prompt or ""] * n
-    else:
-        negatives = list(negative_prompt)
-        if len(negatives) != n:
-            raise ValueError(f"need one negative prompt per prompt: {n} prompts, {len(negatives)} negatives")
+    negatives = negative_prompts(negative_prompt, n)
     scales = [float(guidance)] * n if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
     if len(scales) != n:
         raise ValueError(f"need one guidance scale per prompt: {n} prompts, {len(scales)} scales")

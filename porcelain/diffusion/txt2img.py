@@ -32,6 +32,16 @@ def initial_latents(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
+def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
+    """One negative prompt per prompt: a single one (or none: "") repeated, or a list of ``n``."""
+    if isinstance(negative_prompt, str) or negative_prompt is None:
+        return [negative_prompt or ""] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"need one negative prompt per prompt: {n} prompts, {len(negatives)} negatives")
+    return negatives
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
@@ -87,12 +97,7 @@ def generate(
     n = len(prompts)
     if len(seeds) != n:
         raise ValueError(f"need one seed per prompt: {n} prompts, {len(seeds)} seeds")
-    if isinstance(negative_prompt, str) or negative_prompt is None:
-        negatives = [negative_prompt or ""] * n
-    else:
-        negatives = list(negative_prompt)
-        if len(negatives) != n:
-            raise ValueError(f"need one negative prompt per prompt: {n} prompts, {len(negatives)} negatives")
+    negatives = negative_prompts(negative_prompt, n)
     f = pipe.vae_scale_factor
     native = pipe.unet.config.sample_size
     native = native if isinstance(native, int) else native[0]
