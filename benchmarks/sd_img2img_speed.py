@@ -40,11 +40,8 @@ from porcelain.diffusion.loading import load_pipeline  # noqa: E402
 from porcelain.diffusion.tiny import build_tiny_pipeline  # noqa: E402
 from porcelain.generate.img2img import denoising_steps  # noqa: E402
 
-NEGATIVE = "blurry, low quality"
-PROMPTS = ["Ming dynasty, Jingdezhen kiln, Chinese porcelain vase, blue and white",
-           "Song dynasty, Longquan kiln, Chinese porcelain bowl, celadon glaze with crackle",
-           "Qing dynasty, Jun kiln, Chinese porcelain jar, copper red glaze",
-           "Yuan dynasty, Ding kiln, Chinese porcelain plate, plain ivory white glaze"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_speed import NEGATIVE, PROMPTS  # noqa: E402  (the same prompts as the txt2img benchmark)
 
 
 def methods(args: argparse.Namespace):
