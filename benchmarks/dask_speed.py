@@ -72,7 +72,7 @@ def generation_passes(configs: list[dict[str, Any]], started: float) -> dict[str
         data = t["ingest"](src["manifest"], src["root"], cfg.data, st)
         for size in sorted({cfg.classifier.image_size, *(n for s in cfg.synthesizers for n in s.image_sizes())}):
             for i in range(data["n_shards"]):
-                t["pack_shard"](data["data_hash"], i, data["n_shards"], size, st)
+                t["pack_shard"](data["data_hash"], data["packs"][i], i, data["n_shards"], size, st)
         plan = t["plan"](data, cfg.sweep, cfg.generation, cfg.synthesizers, st)
         (syn,) = cfg.synthesizers
         model = t["prepare"](data, syn, None, st, rt)

@@ -70,8 +70,8 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
 
     ref_size = cfg.reference.image_size or cfg.classifier.image_size
     sizes = sorted({cfg.classifier.image_size, ref_size, *(n for s in cfg.synthesizers for n in s.image_sizes())})
-    packs = _submit(pack_shard, [(data["data_hash"], i, data["n_shards"], s, st)
-                                 for s in sizes for i in range(data["n_shards"])], rt.workers)
+    packs = _submit(pack_shard, [(data["data_hash"], pack_id, i, data["n_shards"], s, st)
+                                 for s in sizes for i, pack_id in enumerate(data["packs"])], rt.workers)
     for p in packs:
         p.result()
 

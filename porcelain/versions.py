@@ -42,8 +42,8 @@ ML_LIBS = ("torch", "timm", "numpy")
 # ``synthesizer:<kind>`` with the kind's class attribute ``version``.
 STAGES: dict[str, Stage] = {
     "builtin-data": Stage("1", ("porcelain.data.source",), ("numpy", "pillow", "scikit-learn")),
-    "ingest": Stage("1", ("porcelain.data.ingest",), ("numpy", "pillow")),
-    "pack": Stage("1", ("porcelain.data.ingest",), ("numpy", "pillow")),
+    "ingest": Stage("2", ("porcelain.data.ingest",), ("numpy", "pillow")),  # 2: packs keyed by their images
+    "pack": Stage("2", ("porcelain.data.ingest",), ("numpy", "pillow")),  # 2: images only, content-addressed
     "plan": Stage("2", ("porcelain.generate.targeting",)),  # 2: one seed per combination
     "reference": Stage("1", ("porcelain.evaluate.reference",), ML_LIBS),
     "shards": Stage("2", ("porcelain.generate.shards",), ("numpy", "pillow")),  # 2: shards grow in place

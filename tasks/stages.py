@@ -68,8 +68,15 @@ def ingest(manifest: str, root: str | None, data: DataConfig, storage: StorageCo
         max_megapixels=data.max_megapixels, near_duplicate_bits=data.near_duplicate_bits)
 
 
-@task(name="pack-shard", task_run_name="pack-{size}px-{shard_index}", **TASK_DEFAULTS)
-def pack_shard(data_hash: str, shard_index: int, n_shards: int, size: int, storage: StorageConfig) -> dict[str, str]:
+def _pack_key(context: Any, parameters: dict[str, Any]) -> str:
+    """A pack is keyed by its own images (``pack_id``) and size, not by the dataset that lists it: a
+    rerun after new images land finds every unchanged pack cached."""
+    return content_cache_key(context, {"pack_id": parameters["pack_id"], "size": parameters["size"]})
+
+
+@task(name="pack-shard", task_run_name="pack-{size}px-{shard_index}", **{**TASK_DEFAULTS, "cache_key_fn": _pack_key})
+def pack_shard(data_hash: str, pack_id: str, shard_index: int, n_shards: int, size: int,
+               storage: StorageConfig) -> dict[str, str]:
     return pack_data_shard(_store(storage), data_hash, shard_index, n_shards, size, storage.storage_options())
 
 

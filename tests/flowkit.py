@@ -85,3 +85,22 @@ def flow_run_record(flow_run_id) -> tuple[object, list]:
             return run, arts
 
     return asyncio.run(read())
+
+
+def write_split(store, data_hash: str, tasks: list[str], classes: dict[str, list[str]], labels, size: int,
+                split: str = "test") -> None:
+    """A stored dataset of blank images with these label indices (N×T), all in ``split``, packed at
+    ``size``: what the report stage reads of the real data, without images to ingest."""
+    import numpy as np
+    from safetensors.numpy import save as st_save
+
+    from porcelain.data.ingest import dataset_key, pack_key
+
+    labels = np.asarray(labels)
+    shas = [f"{i:064x}" for i in range(len(labels))]
+    records = [{"image": f"{i}.png", "sha256": sha, "split": split,
+                "labels": {t: classes[t][int(labels[i, j])] for j, t in enumerate(tasks)}} for i, sha in enumerate(shas)]
+    store.write_json(f"{dataset_key(data_hash)}/dataset.json", {"data_hash": data_hash, "tasks": tasks,
+                                                                "classes": classes, "root": "", "records": records})
+    store.write_json(f"{dataset_key(data_hash)}/packs.json", {"packs": [{"id": "p" + data_hash, "sha256": shas}]})
+    store.write_bytes(pack_key("p" + data_hash, size), st_save({"images": np.zeros((len(shas), size, size, 3), np.uint8)}))

@@ -2,12 +2,11 @@ import csv
 import io
 
 import numpy as np
-from safetensors.numpy import save as st_save
 
 from porcelain.config import config_from_dict
-from porcelain.data.ingest import packed_key
 from porcelain.report.build import aggregate, build_report, fairness
 from porcelain.storage import Store
+from tests.flowkit import write_split
 
 EVIL = "=HYPERLINK(\"http://x\",\"y\")"
 TASKS = ["glaze", EVIL]
@@ -36,8 +35,7 @@ def _summary(store: Store, ratios=("100:0", "90:10"), seeds=(0, 1, 2), acc=(0.6,
     cfg = config_from_dict({"sweep": {"ratios": list(ratios), "seeds": list(seeds), "bootstrap": 500},
                             "name": "@evil", "classifier": {"image_size": 8}})
     y = _target()
-    store.write_bytes(packed_key("d" * 16, 8, 0, 1), st_save(
-        {"images": np.zeros((N_TEST, 8, 8, 3), np.uint8), "labels": y, "split": np.full(N_TEST, 2, np.uint8)}))
+    write_split(store, "d" * 16, TASKS, {t: ["a", "b"] for t in TASKS}, y, 8)
     runs = []
     for i, r in enumerate(ratios):
         for s in seeds:

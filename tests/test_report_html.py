@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import save as st_save
 
 from porcelain.config import config_from_dict
-from porcelain.data.ingest import packed_key
 from porcelain.report.build import build_report
 from porcelain.report.html import inline_figures, render_html
 from porcelain.storage import Store
+from tests.flowkit import write_split
 
 INSTALL = ("headless Chromium is needed for this test: install the distribution's package "
            "(Debian/Ubuntu: `apt-get update && apt-get install -y chromium`; .ci/run does this when it is "
@@ -168,8 +167,7 @@ def _report(store: Store) -> tuple[str, dict[str, bytes], dict]:
                             "name": "html <check>", "classifier": {"image_size": 8}})
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, size=(N_TEST, len(TASKS))).astype(np.int64)
-    store.write_bytes(packed_key("e" * 16, 8, 0, 1), st_save(
-        {"images": np.zeros((N_TEST, 8, 8, 3), np.uint8), "labels": y, "split": np.full(N_TEST, 2, np.uint8)}))
+    write_split(store, "e" * 16, TASKS, {t: CLASSES for t in TASKS}, y, 8)
     runs = []
     for i, r in enumerate(ratios):
         for s in seeds:

@@ -420,6 +420,13 @@ def test_served_deployments_rerun_once_per_drop_of_new_images(moto_server, s3_bu
                         "filter": {"event": {"name": [watch.EVENT]}}, "limit": 50})
                     return r.json()["events"]
 
+                # the weekly sweep has run on the first 200 images (its packs, in the shared cache)
+                first = await run_deployment("porcelain-pipeline/tiny-ratio-sweep", timeout=150, poll_interval=1,
+                                             client=client)
+                assert first.state.type == StateType.COMPLETED, first.state
+                phase("sweep ran on the first 200 images")
+                first_states = await _task_states(client, first.id)
+
                 # the drop: 40 new images, then the manifest that lists them
                 for r in new:
                     fs.pipe(f"{base}/{r['image']}", (manifest.parent / r["image"]).read_bytes())
@@ -444,11 +451,11 @@ def test_served_deployments_rerun_once_per_drop_of_new_images(moto_server, s3_bu
                 await asyncio.sleep(8)  # time for an event to reach the trigger and a run to be polled
                 assert len(await events()) == 1
                 assert len(await _runs_of(client, rerun_id)) == 1
-                assert await _runs_of(client, sweep_id) == []  # its weekly schedule is its own
-                return states
+                assert len(await _runs_of(client, sweep_id)) == 1  # its weekly schedule is its own
+                return first_states, states
 
         with temporary_settings({PREFECT_API_URL: server.url}):
-            states = asyncio.run(scenario())
+            first_states, states = asyncio.run(scenario())
         served_log.close()
     except BaseException:
         if served is not None:
@@ -461,16 +468,22 @@ def test_served_deployments_rerun_once_per_drop_of_new_images(moto_server, s3_bu
             _stop(served)
         server.stop()
 
-    # What the new images change: the data hash, so every stage that reads the data ran (ingest,
-    # each pack shard, the plan, the reference classifier, the sweep's run, the report); nothing
-    # else exists in this config to come from cache.
+    # What the new images change: the data hash, so every stage that reads the data ran (ingest, the
+    # plan, the reference classifier, the sweep's run, the report), but of the packs only the one the
+    # new rows fall in: the full packs of the first 200 images came from the sweep's cache.
     from porcelain.data.ingest import dataset_key
 
-    hashes = [k.split("/")[1] for k in store.list("datasets") if k.endswith("dataset.json")]
-    assert len(hashes) == 1
-    meta = store.read_json(f"{dataset_key(hashes[0])}/dataset.json")
-    assert len(meta["records"]) == 240
-    n_shards = -(-240 // rc.data.shard_size)
-    assert states == {name: ["Completed"] for name in [
-        "ingest", *(f"pack-32px-{i}" for i in range(n_shards)), "plan-generation", "reference-classifier",
-        "train-100:0-seed0", "previous-run", "report", "record-run", "publish-report"]}, states
+    hashes = sorted(k.split("/")[1] for k in store.list("datasets") if k.endswith("dataset.json"))
+    assert len(hashes) == 2
+    metas = [store.read_json(f"{dataset_key(h)}/dataset.json") for h in hashes]
+    assert sorted(len(m["records"]) for m in metas) == [200, 240]
+    size = rc.data.shard_size
+    old_packs, new_packs = -(-200 // size), -(-240 // size)
+    assert first_states["pack-32px-0"] == ["Completed"]
+    unchanged = 200 // size  # full packs of the first 200 rows
+    assert states == {
+        "ingest": ["Completed"], **{f"pack-32px-{i}": ["Cached"] for i in range(unchanged)},
+        **{f"pack-32px-{i}": ["Completed"] for i in range(unchanged, new_packs)},
+        **{name: ["Completed"] for name in ["plan-generation", "reference-classifier", "train-100:0-seed0",
+                                           "previous-run", "report", "record-run", "publish-report"]}}, states
+    assert unchanged >= 1 and new_packs > unchanged and old_packs == unchanged + (200 % size > 0)

@@ -31,12 +31,14 @@ class QuarantineEntry:
 
 @dataclass
 class Record:
-    """One usable image: its path relative to the root, its labels, split and content hash."""
+    """One usable image: its path relative to the root, its labels, split and content hash, and the
+    manifest row it came from (1-based; 0 when unknown), which orders the packed shards and is in no hash."""
 
     image: str
     labels: dict[str, str]
     split: str
     sha256: str
+    row: int = field(default=0, compare=False)
 
 
 @dataclass

@@ -286,7 +286,8 @@ def validate(
             quarantine.append(QuarantineEntry(p.row, p.raw_image, "duplicate_image",
                                               f"identical image bytes and labels as row {first.row} "
                                               f"({first.image}), which is kept"))
-        records.append(Record(image=first.image, labels=dict(first.labels), split=first.split, sha256=sha))
+        records.append(Record(image=first.image, labels=dict(first.labels), split=first.split, sha256=sha,
+                              row=first.row))
         kept[sha] = first
 
     # 4. Splits, classes, order.

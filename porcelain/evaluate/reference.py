@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from porcelain.config import ReferenceConfig, RuntimeConfig
-from porcelain.data.ingest import load_split
+from porcelain.data.ingest import load_split, splits_digest
 from porcelain.errors import DataError
 from porcelain.evaluate.stats import metric_values
 from porcelain.hashing import code_version, config_identity, stable_hash
@@ -52,9 +52,16 @@ def holdout_mask(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     return mask
 
 
-def reference_key(data_hash: str, cfg: ReferenceConfig, image_size: int, runtime: RuntimeConfig) -> str:
-    """From the data hash, the settings (``weights`` by content), the stage version and the numeric runtime."""
-    return stable_hash({"data": data_hash, "reference": config_identity(cfg), "size": image_size,
+def reference_splits(cfg: ReferenceConfig) -> tuple[str, ...]:
+    """The splits the reference reads: those it is fitted on and the test split its card is measured on."""
+    return ("train", "val", "test") if cfg.train_on == "train+val" else ("val", "test")
+
+
+def reference_key(inputs: str, cfg: ReferenceConfig, image_size: int, runtime: RuntimeConfig) -> str:
+    """From what the reference reads (``inputs``: :func:`~porcelain.data.ingest.splits_digest` of its
+    splits, so new train images do not retrain a reference fitted on val), the settings (``weights``
+    by content), the stage version and the numeric runtime."""
+    return stable_hash({"data": inputs, "reference": config_identity(cfg), "size": image_size,
                         "stage": stage_identity("reference"), "runtime": runtime_identity(runtime)})
 
 
@@ -80,7 +87,7 @@ def train_reference(store: Store, data: dict[str, Any], cfg: ReferenceConfig, im
                     runtime: RuntimeConfig) -> dict[str, Any]:
     """Train (or find in the store) the dataset's reference classifier; return its reference and card."""
     apply_runtime(runtime)
-    key = reference_key(data["data_hash"], cfg, image_size, runtime)
+    key = reference_key(splits_digest(store, data["data_hash"], reference_splits(cfg)), cfg, image_size, runtime)
     card_key = f"reference/{key}/card.json"
     with store.lock(card_key):
         if not store.exists(card_key) or "reference" in runtime.refresh:
