@@ -101,11 +101,10 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
         raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
     for label, done in shards.items():  # judged before any filter: the generator's own faithfulness
         faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
-    if cfg.filters.enabled:
-        for syn in cfg.synthesizers:
-            if syn.label in shards:
-                shards[syn.label] = _filtered(syn, models[syn.label], shards[syn.label], data, ref, plan, cfg,
-                                              filter_, top_up_plan, generate)
+    for syn in cfg.synthesizers:  # each synthesizer's chain: its own `filters:` or the run's
+        if syn.label in shards and cfg.filters_for(syn).enabled:
+            shards[syn.label] = _filtered(syn, models[syn.label], shards[syn.label], data, ref, plan, cfg,
+                                          filter_, top_up_plan, generate)
 
     calls = []
     base = cfg.sweep.baseline
@@ -150,7 +149,7 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
 def _filtered(syn: Any, model: Any, done: list[Any], data: dict[str, Any], ref: dict[str, Any], plan: dict[str, Any],
               cfg: RunConfig, filter_: Any, top_up_plan: Any, generate: Any) -> list[Any]:
     """Filter a synthesizer's shards, then top up the combinations left short, for a few rounds."""
-    st, rt, fc = cfg.storage, cfg.runtime, cfg.filters
+    st, rt, fc = cfg.storage, cfg.runtime, cfg.filters_for(syn)
     kept = [f.result() for f in _submit(filter_, [(data, s, ref, fc, st, rt) for s in done], rt.workers,
                                         stage="filter", runtime=rt)]
     for round_ in range(fc.rounds):

@@ -497,6 +497,24 @@ class RunConfig(_Model):
             update={"steps": None, "guidance": None, "batch_size": None}))
         return self
 
+    def filters_for(self, synthesizer: Any) -> FilterConfig:
+        """The filter chain of one synthesizer: its own ``filters:`` when given, else the run's."""
+        own = getattr(synthesizer, "filters", None)
+        return self.filters if own is None else FilterConfig.model_validate(own)
+
+    @model_validator(mode="after")
+    def _check_synthesizer_filters(self) -> RunConfig:
+        for i, syn in enumerate(self.synthesizers):
+            if getattr(syn, "filters", None) is None:
+                continue
+            try:
+                FilterConfig.model_validate(syn.filters)
+            except ValidationError as err:
+                raise ValueError(f"synthesizers.{i} ({syn.label}): " + "; ".join(
+                    f"filters.{'.'.join(str(p) for p in e['loc'])}: "
+                    + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors())) from None
+        return self
+
     def synthesizer(self, label: str) -> Any:
         """The synthesizer entry called ``label``."""
         for c in self.synthesizers:

@@ -164,3 +164,29 @@ def test_runtime_engine_keys_are_checked_and_stay_out_of_cache_keys():
         config_from_dict({"runtime": {"engine": "ray"}})
     with pytest.raises(ConfigError, match=r"runtime.dask_worker: unknown key"):
         config_from_dict({"runtime": {"engine": "dask", "dask_worker": 2}})
+
+
+def test_a_synthesizer_can_carry_its_own_filters_and_they_do_not_change_its_images():
+    cfg = config_from_dict({"filters": {"memorisation": 1.0}, "synthesizers": [
+        {"kind": "closed_set"}, {"kind": "closed_set", "name": "faithful", "filters": {"faithfulness": 0.9}}]})
+    plain, faithful = cfg.synthesizers
+    assert cfg.filters_for(plain).memorisation == 1.0 and cfg.filters_for(plain).faithfulness is None
+    assert cfg.filters_for(faithful).faithfulness == 0.9 and cfg.filters_for(faithful).memorisation is None
+    assert plain.identity() == faithful.identity()  # one set of generated images, two chains over it
+    with pytest.raises(ConfigError, match=r"synthesizers\.1 \(faithful\): filters\.faithfulnes: unknown key"):
+        config_from_dict({"synthesizers": [{"kind": "closed_set"},
+                                           {"kind": "closed_set", "name": "faithful", "filters": {"faithfulnes": 0.9}}]})
+
+
+def test_two_filter_chains_over_one_shard_are_two_training_sets():
+    from porcelain.config import ClassifierConfig, RuntimeConfig
+    from porcelain.results import ShardRef
+    from porcelain.train.sweep import run_key
+
+    shard = ShardRef(key="shards/a/manifest.json", combo=[0, 1], start=0, n=8, synthesizer="closed_set")
+    key = lambda s: run_key("d" * 16, "1:1", 0, {"alloc": [[0, 1, 4]], "shards": [s]},  # noqa: E731
+                            ClassifierConfig(), RuntimeConfig())
+    unfiltered, all_kept = key(shard), key(shard.model_copy(update={"kept": list(range(8))}))
+    some = key(shard.model_copy(update={"kept": [0, 2, 3, 5]}))
+    assert len({unfiltered, all_kept, some}) == 3
+    assert key(shard.model_copy(update={"kept": [5, 3, 2, 0]})) == some

@@ -42,13 +42,19 @@ class SynthesizerConfig(BaseModel):
     name: str | None = Field(None, description="How the report names this synthesizer (default: its kind). "
                              "Distinct per run, so that two settings of one kind can be compared.")
 
+    filters: dict[str, Any] | None = Field(
+        None, description="This synthesizer's own filter chain (the keys of the run's `filters:`), in place of "
+        "the run's: e.g. the same generator twice, once unfiltered and once with `filters: {faithfulness: 0.9}`, "
+        "compares the filter's effect in one run (the unfiltered images are generated once and shared).")
+
     @property
     def label(self) -> str:
         return self.name or self.kind
 
     def identity(self) -> dict[str, Any]:
-        """What the images depend on: every setting except the display name."""
-        return self.model_dump(mode="json", exclude={"name"})
+        """What the images depend on: every setting except the display name and the filters (which
+        choose among the images, and are keyed by the filter stage)."""
+        return self.model_dump(mode="json", exclude={"name", "filters"})
 
     def prepare_identity(self) -> dict[str, Any]:
         """What :meth:`Synthesizer.prepare` depends on (default: everything); kinds narrow it so that

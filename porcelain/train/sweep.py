@@ -31,7 +31,7 @@ def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cf
     combination), the share of real train images, the classifier settings with ``weights`` as the
     file's sha256, the stage version and the numeric runtime. The synthesizer's display name and the
     ratio's spelling are not in it."""
-    shards = sorted(s.key if isinstance(s, ShardRef) else s["key"] for s in synthetic.get("shards", []))
+    shards = sorted(_shard_identity(s) for s in synthetic.get("shards", []))
     ident = {"data": data_hash, "synthetic": {"alloc": synthetic.get("alloc", []), "shards": shards},
              "seed": seed, "classifier": config_identity(cfg), "stage": stage_identity("sweep"),
              "runtime": runtime_identity(runtime)}
@@ -40,6 +40,13 @@ def run_key(data_hash: str, ratio: str, seed: int, synthetic: dict[str, Any], cf
     if task_weights_apply(synthetic_task_weights):  # all 1: the same run as the fixed ratio's
         ident["synthetic_task_weights"] = {t: float(w) for t, w in sorted(synthetic_task_weights.items())}
     return stable_hash(ident)
+
+
+def _shard_identity(s: ShardRef | dict[str, Any]) -> str:
+    """A shard as a run reads it: its key, and for a filtered shard which of its images were kept (two
+    filter chains over one shard are two training sets)."""
+    ref = s if isinstance(s, ShardRef) else ShardRef.model_validate(s)
+    return ref.key if ref.kept is None else f"{ref.key}#kept-{stable_hash(sorted(ref.kept), 16)}"
 
 
 def task_weights_apply(weights: dict[str, float] | None) -> bool:
