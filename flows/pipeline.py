@@ -82,7 +82,7 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
         specs = plan["shards"][syn.label]
         if not specs:
             continue
-        needs = get_synthesizer(syn.kind).needs  # e.g. saliency from the reference classifier
+        needs = get_synthesizer(syn.kind).needs_for(syn)  # e.g. saliency from the reference classifier
         context = {k: {"reference": ref}[k] for k in sorted(needs)} or None
         models[syn.label] = prepare.with_options(
             refresh_cache=f"synthesizer:{syn.kind}" in rt.refresh or None)(data, syn, context, st, rt)

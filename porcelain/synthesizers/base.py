@@ -91,6 +91,10 @@ class Synthesizer(ABC):
     #: stored reference classifier's card, for saliency); only these enter its prepare task's key
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    def needs_for(self, cfg: SynthesizerConfig) -> frozenset[str]:
+        """:attr:`needs` for these settings (a kind may need the reference only for some of them)."""
+        return self.needs
+
     @abstractmethod
     def prepare(self, store: Any, data: dict[str, Any], cfg: SynthesizerConfig, runtime: Any,
                 context: dict[str, Any] | None = None) -> ModelRef:

@@ -13,11 +13,12 @@ from porcelain.synthesizers import SynthesizerConfig, get
 def prepare_synthesizer(store: Store, data: dict[str, Any], cfg: SynthesizerConfig, runtime: RuntimeConfig,
                         context: dict[str, Any] | None = None) -> ModelRef:
     """``cfg.kind``'s prepare: a reference to its stored model, cached in the store by its identity.
-    ``context`` holds the results the kind declares in ``needs`` (nothing for most kinds)."""
+    ``context`` holds the results the kind declares in ``needs_for(cfg)`` (nothing for most kinds)."""
     syn = get(cfg.kind)
-    if syn.needs:
-        missing = sorted(syn.needs - set(context or {}))
+    needs = syn.needs_for(cfg)
+    if needs:
+        missing = sorted(needs - set(context or {}))
         if missing:
             raise ValueError(f"synthesizer {cfg.kind} needs {missing} to prepare")
-        return syn.prepare(store, data, cfg, runtime, context={k: context[k] for k in syn.needs})
+        return syn.prepare(store, data, cfg, runtime, context={k: context[k] for k in needs})
     return syn.prepare(store, data, cfg, runtime)

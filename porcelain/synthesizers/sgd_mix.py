@@ -196,10 +196,10 @@ class SgdMix(ImageConditioned):
                  "the two Otsu foreground masks kept from the source; label = the source's"]
         if cfg.refiner == "sd_lora":
             sd, inf = cfg.sd, cfg.sd.inference
-            return [*lines, f"- refined by img2img at strength {cfg.strength} with Stable Diffusion `{sd.base_id}` + "
+            return [*lines, f"- refined by img2img at {cfg.strength_text()} with Stable Diffusion `{sd.base_id}` + "
                     f"LoRA ({ref.meta['steps']} training steps at {sd.resolution} px, class tokens: {sd.class_tokens}), "
                     f"prompted with the source's labels; DDIM {inf.steps} steps, guidance {inf.guidance}, LoRA scale "
                     f"{inf.lora_scale}; every image's prompt and seed are in its shard's provenance"]
-        return [*lines, f"- refined by img2img at strength {cfg.strength} with the closed-set generator "
+        return [*lines, f"- refined by img2img at {cfg.strength_text()} with the closed-set generator "
                 f"({ref.meta['steps']} steps at {cfg.generator.resolution} px), DDIM {cfg.sampling.steps} steps, "
                 f"guidance {cfg.sampling.guidance}"]

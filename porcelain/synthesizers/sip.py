@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -46,18 +46,20 @@ from porcelain.synthesizers import get, register
 from porcelain.synthesizers.base import Generated, SynthesizerConfig
 from porcelain.synthesizers.drift import DriftSettings
 from porcelain.synthesizers.sd_lora import image_seed
-from porcelain.synthesizers.sources import ImageConditioned, RefinerSettings, source_rows
+from porcelain.synthesizers.sources import AutoStrengthSettings, ImageConditioned, RefinerSettings, source_rows
 
 GUIDANCE_RANGE: dict[str, tuple[float, float]] = {"closed_set": (0.25, 1.5), "sd_lora": (4.0, 10.0)}
 """Default (w_min, w_max) of the similarity-derived guidance, per refiner (a choice; the paper gives none)."""
 
 
-class SipConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
+class SipConfig(SynthesizerConfig, AutoStrengthSettings, DriftSettings, RefinerSettings):
     """``{kind: sip, strength: 0.5, clip: local-dir:/models/clip, captioner: /models/blip, guidance: clip}``,
     or with ``refiner: sd_lora`` an ``sd: {base: ..., ...}`` block instead of ``generator``/``sampling``."""
 
     kind: Literal["sip"] = "sip"
-    strength: float = Field(0.5, ge=0.0, le=1.0, description="img2img strength (noise rate) of the edit.")
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(0.5, description=(
+        "img2img strength (noise rate) of the edit; auto: per image, the largest of auto_strengths whose result "
+        "the reference classifier still gives the source's labels (as sgd_mix's strength auto)."))
     clip: str | None = Field(None, description="open_clip weights: 'local-dir:/folder' (open_clip_config.json + "
                              "one .safetensors). Needed for CLIP caption choice and similarity guidance.")
     captioner: str | None = Field(None, description="BLIP folder or HF cache id (offline), e.g. "
@@ -101,15 +103,17 @@ class SipConfig(SynthesizerConfig, DriftSettings, RefinerSettings):
     def prepare_identity(self) -> dict[str, Any]:
         from porcelain.diffusion.prompts import load_vocabulary, vocabulary_hash
 
+        auto = {"auto_strength": True} if self.strength == "auto" else {}  # (its prepared model holds the reference)
         return {"kind": self.kind, "refiner": self.refiner_config().prepare_identity(),
                 "clip": _path_identity(self.clip), "captioner": _path_identity(self.captioner), "n_beam": self.n_beam,
                 "n_sample": self.n_sample, "vocabulary": vocabulary_hash(load_vocabulary(self.vocabulary)),
-                "label_weight": self.label_weight}
+                "label_weight": self.label_weight, **auto}
 
     def identity(self) -> dict[str, Any]:
         w_min, w_max = self.guidance_range
         return {**self.prepare_identity(), **self.model_dump(mode="json", include={
-            "strength", "guidance", "sim_lo", "sim_hi"}), "w_min": w_min, "w_max": w_max, **self.sampling_identity()}
+            "strength", "guidance", "sim_lo", "sim_hi"}), "w_min": w_min, "w_max": w_max, **self.sampling_identity(),
+            **self.auto_identity()}
 
     def image_sizes(self) -> list[int]:
         return [self.resolution]
@@ -181,6 +185,10 @@ class Sip(ImageConditioned):
     version: ClassVar[str] = "1"
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "open_clip_torch", "numpy")
 
+    def needs_for(self, cfg: SipConfig) -> frozenset[str]:
+        """The reference classifier only for ``strength: auto`` (it judges each image's strength)."""
+        return frozenset({"reference"}) if cfg.strength == "auto" else frozenset()
+
     def prepare(self, store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig,
                 context: dict[str, Any] | None = None) -> ModelRef:
         apply_runtime(runtime)
@@ -193,6 +201,11 @@ class Sip(ImageConditioned):
         if lo is not None and hi is not None and hi <= lo:
             hi = lo + 1e-6
         extra = {"resolution": cfg.resolution} if cfg.refiner == "sd_lora" else {}
+        if cfg.strength == "auto":
+            reference = (context or {}).get("reference")
+            if reference is None:
+                raise ValueError("sip strength auto needs the reference classifier")
+            extra["reference"] = reference
         return self.model_ref(refiner, data, "captions", described, sim_lo=lo, sim_hi=hi, **extra)
 
     def augment(self, store: Store, ref: ModelRef, cfg: SipConfig, src: np.ndarray, *, seed: int, first_index: int,
@@ -241,8 +254,8 @@ class Sip(ImageConditioned):
 
     def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SipConfig, runtime: RuntimeConfig) -> Generated:
         src = source_rows(store, ref.meta["data_hash"], spec)
-        out, prov, _ = self.augment(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
-                                    strength=cfg.strength, runtime=runtime)
+        out, prov, _ = self.augment_any(store, ref, cfg, src, seed=spec.seed, first_index=spec.start,
+                                        strength=cfg.strength, runtime=runtime)
         steps = cfg.sd.inference.steps if cfg.refiner == "sd_lora" else cfg.sampling.steps
         return Generated(images=list(out), provenance=prov, shard={**self.refiner_shard(ref, cfg),
                                                                    "strength": cfg.strength, "steps": steps,
@@ -255,7 +268,7 @@ class Sip(ImageConditioned):
                 if cfg.guidance == "clip" and ref.meta.get("sim_lo") is not None else f"fixed at {cfg.fixed_guidance}")
         if cfg.refiner == "sd_lora":
             sd = cfg.sd
-            return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with "
+            return [f"- img2img of real train images of each targeted combination at {cfg.strength_text()} with "
                     f"Stable Diffusion `{sd.base_id}` + LoRA ({sd.resolution} px, DDIM {sd.inference.steps} steps, "
                     f"LoRA scale {sd.inference.lora_scale}); guidance {rule}",
                     f"- prompt: the source's label phrase (the sd_lora prompt, class tokens: {sd.class_tokens}) "
@@ -263,7 +276,7 @@ class Sip(ImageConditioned):
                     "CLIP chose "
                     f"({'BLIP ' + cfg.captioner if cfg.captioner else 'no captioner: the phrase alone'}); every "
                     "image's prompt, guidance and seed are in its shard's provenance"]
-        return [f"- img2img of real train images of each targeted combination at strength {cfg.strength} with the "
+        return [f"- img2img of real train images of each targeted combination at {cfg.strength_text()} with the "
                 f"closed-set generator ({cfg.generator.resolution} px); guidance {rule}",
                 "- on the closed-set generator (no text encoder) SIP is label-conditioned SDEdit: captions "
                 f"({'BLIP ' + cfg.captioner if cfg.captioner else 'none'}) and prompts are chosen by CLIP and recorded "

@@ -134,6 +134,13 @@ class AutoStrengthSettings(BaseModel):
             raise ValueError("auto_strengths must be distinct values in (0, 1]")
         return sorted(v)
 
+    def strength_text(self) -> str:
+        """How the report names the strength: ``strength 0.5``, or the auto rule."""
+        if getattr(self, "strength", None) != "auto":
+            return f"strength {getattr(self, 'strength')}"
+        return (f"a strength per image (auto: the largest of {self.auto_strengths} whose result the reference "
+                f"classifier still gives the source's labels at p ≥ {self.auto_confidence}, else the smallest)")
+
     def auto_identity(self) -> dict[str, Any]:
         if getattr(self, "strength", None) != "auto":
             return {}
