@@ -34,7 +34,7 @@ from porcelain.filter.chain import FilterResult, run_chain, top_up_plan
 from porcelain.filter.clip_score import clip_score_filter
 from porcelain.filter.faithfulness import faithfulness_filter
 from porcelain.filter.memorisation import memorisation_filter
-from porcelain.filter.texture import glcm_features, texture_table
+from porcelain.filter.texture import glcm_features, texture_filter, texture_table
 from porcelain.models.classifier import MultiTaskClassifier
 
 torch.set_num_threads(1)
@@ -113,11 +113,18 @@ def _train_tiny_clip(model, preprocess, tokenizer, steps: int = 40) -> None:
     model.eval()
 
 
-def test_tiny_clip_trained_scores_matching_pairs_higher_and_round_trips_through_safetensors(tmp_path):
-    import open_clip
-
+@pytest.fixture(scope="module")
+def colour_clip():
+    """The tiny CLIP trained to tell the four colours apart (built and trained once per module)."""
     model, preprocess, tokenizer = build_tiny_clip(seed=0)
     _train_tiny_clip(model, preprocess, tokenizer)
+    return model, preprocess, tokenizer
+
+
+def test_tiny_clip_trained_scores_matching_pairs_higher_and_round_trips_through_safetensors(tmp_path, colour_clip):
+    import open_clip
+
+    model, preprocess, tokenizer = colour_clip
     imgs, words = _colour_images(np.random.default_rng(2), 3)
     texts = [f"a {w} square" for w in COLOURS]
     sim = image_text_similarity_matrix(model, preprocess, tokenizer, imgs, texts)
@@ -175,6 +182,36 @@ def test_glcm_contrast_checkerboard_above_flat_and_texture_table():
     by_stat = {r["statistic"]: r for r in rows}
     assert by_stat["contrast"]["ks"] == 1.0 and by_stat["contrast"]["ks_p"] < 1e-4
     assert by_stat["contrast"]["synthetic_mean"] < by_stat["contrast"]["real_mean"]
+
+
+def test_texture_filter_drops_flat_and_noise_images_among_real_like_ones():
+    rng = np.random.default_rng(0)
+    real = np.concatenate([_waves(rng, 40), _waves(rng, 3)])
+    real_labels = {"kind": ["wave"] * 40 + ["rare"] * 3}
+    generated = np.concatenate([_waves(rng, 8), np.full((1, 32, 32, 3), 128, np.uint8),
+                                rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)])
+    verdict, bounds = texture_filter(glcm_features(generated), {"kind": ["wave"] * 10}, glcm_features(real),
+                                     real_labels, q=0.02)
+    assert verdict.keep[8:].tolist() == [False, False] and verdict.keep[:8].sum() >= 7
+    assert "kind=wave: contrast 0.000 outside" in verdict.reasons[8] and "homogeneity" in verdict.reasons[9]
+    assert bounds[("kind", "wave")]["n_real"] == 40 and not bounds[("kind", "wave")]["pooled"]
+    # a value with fewer than MIN_REAL real images takes its bounds from all real images
+    _, pooled = texture_filter(glcm_features(generated[:1]), {"kind": ["rare"]}, glcm_features(real), real_labels, 0.02)
+    assert pooled[("kind", "rare")]["pooled"] and pooled[("kind", "rare")]["n_real"] == 43
+    with pytest.raises(ValueError, match="q must"):
+        texture_filter(glcm_features(generated), {"kind": ["wave"] * 10}, glcm_features(real), real_labels, 0.5)
+
+
+def test_clip_score_threshold_per_phrase_and_all_real_images_for_rare_phrases():
+    real = np.concatenate([np.linspace(0.20, 0.30, 20), [0.05, 0.06]])
+    real_groups = ["common"] * 20 + ["rare"] * 2
+    verdict, thr = clip_score_filter(np.array([0.21, 0.19, 0.10, 0.04]), real_scores=real, percentile=5.0,
+                                     groups=["common", "common", "rare", "rare"], real_groups=real_groups, min_group=10)
+    assert thr["common"] == pytest.approx(np.percentile(real[:20], 5.0))
+    assert thr["rare"] == pytest.approx(np.percentile(real, 5.0))  # two real images: all real images' percentile
+    assert verdict.keep.tolist() == [True, False, True, False] and verdict.reasons[3].endswith("(of all real images)")
+    with pytest.raises(ValueError, match="no real scores"):
+        clip_score_filter(np.array([0.1]), real_scores=real, groups=["new"], real_groups=real_groups)
 
 
 # ------------------------------------------------------------------------------------------ chain, top-up

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,10 +63,26 @@ class ChainResult:
     reasons: list[str]
     """``"step: reason"`` of the first failing step; ``""`` where kept."""
     steps: list[str]
+    causes: list[str] = field(default_factory=list)
+    """The failing step's own reason (without the step's name); ``""`` where kept."""
     overall: dict[str, PassCounts] = field(default_factory=dict)
     per_combo: dict[str, dict[Hashable, PassCounts]] = field(default_factory=dict)
     per_class: dict[str, dict[str, dict[Hashable, PassCounts]]] = field(default_factory=dict)
     """step -> task -> value -> counts."""
+
+    def counts_json(self) -> dict[str, dict[str, Any]]:
+        """The pass counts as JSON: per step ``reached``/``passed``, ``per_combo`` as ``[combo, reached,
+        passed]`` rows (tuples as lists) and ``per_value`` as task -> str(value) -> ``[reached, passed]``."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.steps:
+            o = self.overall[name]
+            out[name] = {
+                "reached": o.reached, "passed": o.passed,
+                "per_combo": [[list(c) if isinstance(c, tuple) else c, k.reached, k.passed]
+                              for c, k in self.per_combo[name].items()],
+                "per_value": {t: {str(v): [k.reached, k.passed] for v, k in vals.items()}
+                              for t, vals in self.per_class[name].items()}}
+        return out
 
     def kept_per_combo(self, combos: Sequence[Hashable]) -> dict[Hashable, int]:
         """How many images of each combination the whole chain kept (0 for combinations with none kept)."""
@@ -105,7 +122,7 @@ def run_chain(
     keep = np.ones(n, bool)
     failed_at = np.full(n, -1, np.int64)
     reasons = [""] * n
-    result = ChainResult(keep, failed_at, reasons, names)
+    result = ChainResult(keep, failed_at, reasons, names, [""] * n)
     for s, (name, fn) in enumerate(steps):
         idx = np.flatnonzero(keep)
         verdict = fn(idx) if len(idx) else FilterResult(np.zeros(0, bool), ())
@@ -118,6 +135,7 @@ def run_chain(
             if not k:
                 failed_at[i] = s
                 reasons[i] = f"{name}: {why}" if why else name
+                result.causes[i] = why
         keep &= passed
         result.overall[name] = PassCounts(int(reached.sum()), int(passed.sum()))
         result.per_combo[name] = _counts(combos, reached, passed)

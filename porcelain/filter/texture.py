@@ -14,7 +14,10 @@ images at once with one ``bincount`` per angle) rather than scikit-image, which 
 not install; the numbers are the same definition, and do not depend on whether it is installed.
 
 Synthetic images whose texture differs from real images of their class (smoother, blotchier)
-show up in :func:`texture_table` as a large two-sample Kolmogorov–Smirnov statistic.
+show up in :func:`texture_table` as a large two-sample Kolmogorov–Smirnov statistic
+(:func:`texture_summary` per task, for the report), and :func:`texture_filter` drops single images
+outside the range of real images of their value. Both depend on the image size: compare images
+decoded at one size.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import ks_2samp
+
+from porcelain.filter.chain import FilterResult
 
 OFFSETS: tuple[tuple[int, int], ...] = ((0, 1), (-1, 1), (-1, 0), (-1, -1))
 """(row, column) offsets of 1 pixel at 0°, 45°, 90°, 135°."""
@@ -104,3 +109,88 @@ def texture_table(
                 "ks": d, "ks_p": p,
             })
     return rows
+
+
+STATISTICS = ("contrast", "homogeneity")
+MIN_REAL = 10
+"""Fewer real images of a value than this: its texture bounds come from all real images of the task."""
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def texture_filter(
+    generated: Mapping[str, np.ndarray],
+    intended: Mapping[str, Sequence[Hashable]],
+    real: Mapping[str, np.ndarray],
+    real_labels: Mapping[str, Sequence[Hashable]],
+    q: float,
+    min_real: int = MIN_REAL,
+) -> tuple[FilterResult, dict[tuple[str, Hashable], dict[str, Any]]]:
+    """Drop an image whose GLCM statistic lies outside the ``[q, 1 − q]`` quantiles of the real images
+    of its own value, for every task in ``intended`` and every statistic in ``generated``.
+
+    ``generated``/``real``: statistic → per-image values (:func:`glcm_features`); ``intended``: task →
+    the value each generated image was made for; ``real_labels``: task → each real image's value. A
+    value with fewer than ``min_real`` real images takes the quantiles of all real images (of any
+    value). Returns the verdict and, per (task, value), the bounds ``{stat: (lo, hi)}``, ``n_real`` and
+    ``pooled``. A reason names every failing task and statistic:
+    ``"glaze=2: contrast 0.000 outside [0.412, 2.310]"``.
+    """
+    if not 0 < q < 0.5:
+        raise ValueError(f"q must lie in (0, 0.5), got {q}")
+    stats = list(generated)
+    n = len(next(iter(generated.values()))) if stats else 0
+    keep = np.ones(n, bool)
+    why: list[list[str]] = [[] for _ in range(n)]
+    bounds: dict[tuple[str, Hashable], dict[str, Any]] = {}
+    for task, values in intended.items():
+        labels = np.asarray(list(real_labels[task]), dtype=object)
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"intended[{task!r}] has {len(values)} values for {n} images")
+        for v in dict.fromkeys(values):
+            mine = labels == v
+            pooled = int(mine.sum()) < min_real
+            sel = np.ones(len(labels), bool) if pooled else mine
+            if not sel.any():
+                raise ValueError("no real images to take texture bounds from")
+            b: dict[str, Any] = {"n_real": int(sel.sum()), "pooled": pooled}
+            for stat in stats:
+                lo, hi = np.quantile(np.asarray(real[stat], np.float64)[sel], [q, 1 - q])
+                b[stat] = (float(lo), float(hi))
+            bounds[(task, v)] = b
+        for i, v in enumerate(values):
+            b = bounds[(task, v)]
+            for stat in stats:
+                x, (lo, hi) = float(generated[stat][i]), b[stat]
+                if not lo <= x <= hi:
+                    keep[i] = False
+                    why[i].append(f"{task}={v}: {stat} {x:.3f} outside [{lo:.3f}, {hi:.3f}]"
+                                  + (" (all real images)" if b["pooled"] else ""))
+    return FilterResult(keep, tuple("; ".join(w) for w in why)), bounds
+
+
+def texture_summary(
+    synthetic: np.ndarray,
+    synthetic_labels: np.ndarray,
+    real: np.ndarray,
+    real_labels: np.ndarray,
+    tasks: Sequence[str],
+    classes: Mapping[str, Sequence[str]],
+    levels: int = 8,
+) -> dict[str, Any]:
+    """Per task, :func:`texture_table` rows by class name, plus a row ``"(all)"`` pooling the
+    classes; NaN as None (JSON). Labels are int N×T, in ``tasks`` order."""
+    s, r = glcm_features(synthetic, levels), glcm_features(real, levels)
+    out: dict[str, Any] = {"levels": levels, "statistics": list(STATISTICS), "n_synthetic": int(len(synthetic)),
+                           "n_real": int(len(real)), "tasks": {}}
+    for t, task in enumerate(tasks):
+        names = classes[task]
+        rows = texture_table(s, ["(all)"] * len(synthetic), r, ["(all)"] * len(real))
+        rows += texture_table(s, [names[int(v)] for v in synthetic_labels[:, t]],
+                              r, [names[int(v)] for v in real_labels[:, t]])
+        out["tasks"][task] = [{k: (_nan_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+                              for row in rows]
+    return out
