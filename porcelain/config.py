@@ -343,8 +343,10 @@ class FaithfulnessConfig(_Model):
 class FilterConfig(_Model):
     """Which generated images are kept for training (a chain, applied per shard; off by default).
 
-    When a filter drops images, generation tops up each combination until its planned count is kept
-    (or ``max_attempts`` × planned images were made), so a ratio keeps meaning what it says."""
+    The steps run in this order, each on the survivors of the earlier ones: faithfulness,
+    memorisation, texture, clip_score. When a filter drops images, generation tops up each
+    combination until its planned count is kept (or ``max_attempts`` × planned images were made),
+    so a ratio keeps meaning what it says."""
 
     faithfulness: Annotated[float, Field(gt=0, lt=1)] | dict[str, Annotated[float, Field(gt=0, lt=1)]] | None = Field(
         None, description="Keep an image when the reference classifier gives its intended value of every task "
@@ -352,13 +354,46 @@ class FilterConfig(_Model):
     memorisation: Annotated[float, Field(gt=0, le=50)] | None = Field(
         None, description="Drop near copies: images closer (pixels, at the reference's size) to a train image than "
         "this percentile of real test-to-train distances (e.g. 1.0); null: off.")
+    memorisation_space: Literal["pixels", "pixels+features"] = Field(
+        "pixels", description="pixels+features: also drop images as close to a train image in the reference "
+        "classifier's pooled features (threshold: the same percentile of real test images' feature distances).")
+    texture: Annotated[float, Field(gt=0, lt=0.5)] | None = Field(
+        None, description="Drop an image whose GLCM contrast or homogeneity (grey levels, at the reference's size) "
+        "lies outside the [q, 1-q] quantiles of real train images of its own value, for each task of "
+        "texture_tasks (e.g. 0.02; values with fewer than 10 real images use all real images); null: off.")
+    texture_tasks: list[str] | None = Field(
+        None, description="Tasks the texture filter checks and the report's texture table shows; null: all tasks. "
+        "A task the data lacks is an error.")
+    clip_score: Annotated[float, Field(ge=0, le=50)] | None = Field(
+        None, description="Keep an image when its CLIP score with its label phrase is at least this percentile "
+        "(0-50) of the real train images' scores with their own label phrases: those with the same phrase (its "
+        "combination), or all real train images where fewer than 10 share it. Needs clip; null: off.")
+    clip: str | None = Field(
+        None, description="clip_score: open_clip weights, 'local-dir:/folder' (open_clip_config.json + one "
+        ".safetensors), as the sip kind's clip.")
+    vocabulary: str = Field(
+        "sample", description="clip_score: the prompt vocabulary of the label phrases (a built-in name or a YAML "
+        "file, as sd_lora's prompts.vocabulary).")
     max_attempts: Annotated[float, Field(ge=1, le=20)] = Field(
         3.0, description="At most this many images made per planned image of a combination (top-up cap).")
     rounds: Annotated[int, Field(ge=0, le=10)] = Field(3, description="Top-up rounds after the first generation.")
 
+    @model_validator(mode="after")
+    def _dependent_keys(self) -> FilterConfig:
+        if self.clip_score is not None and self.clip is None:
+            raise ValueError("filters.clip_score needs filters.clip: open_clip weights as 'local-dir:/folder'")
+        if self.clip is not None and self.clip_score is None:
+            raise ValueError("filters.clip is set but filters.clip_score is not: set the percentile, or drop clip")
+        if self.memorisation_space != "pixels" and self.memorisation is None:
+            raise ValueError("filters.memorisation_space applies to the memorisation filter: set filters.memorisation")
+        if self.clip is not None and not self.clip.startswith("local-dir:"):
+            raise ValueError(f"filters.clip must be 'local-dir:/folder' (open_clip_config.json + one .safetensors), "
+                             f"got {self.clip!r}")
+        return self
+
     @property
     def enabled(self) -> bool:
-        return self.faithfulness is not None or self.memorisation is not None
+        return any(v is not None for v in (self.faithfulness, self.memorisation, self.texture, self.clip_score))
 
 
 class RuntimeConfig(_Model):

@@ -48,7 +48,8 @@ STAGES: dict[str, Stage] = {
     "reference": Stage("1", ("porcelain.evaluate.reference",), ML_LIBS),
     "shards": Stage("2", ("porcelain.generate.shards",), ("numpy", "pillow")),  # 2: shards grow in place
     "drift": Stage("1", ("porcelain.synthesizers.drift",), ML_LIBS),
-    "filters": Stage("1", ("porcelain.filter.stage",), ML_LIBS),
+    # 2: one chain (run_chain), texture and CLIP-score steps, pass counts and per-image scores stored
+    "filters": Stage("2", ("porcelain.filter.stage",), ML_LIBS + ("open_clip_torch",)),
     "faithfulness": Stage("3", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS),  # 3: FID/KID per value with a real floor
     "sweep": Stage("2", ("porcelain.train.sweep", "porcelain.train.classifier"), ML_LIBS),  # 2: val predictions stored; per-task synthetic loss weights
     "adaptive": Stage("1", ("porcelain.evaluate.adaptive",), ("numpy",)),

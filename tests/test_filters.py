@@ -3,6 +3,7 @@ FID/KID, the equivalence scale and the adaptive loss weight. Offline, CPU, one t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -202,6 +203,147 @@ def test_texture_filter_drops_flat_and_noise_images_among_real_like_ones():
         texture_filter(glcm_features(generated), {"kind": ["wave"] * 10}, glcm_features(real), real_labels, 0.5)
 
 
+# ------------------------------------------------------------------------------------------ the filter stage
+
+
+def _stored_data(store, images: np.ndarray, labels: list[str], splits: list[str]) -> dict:
+    """A one-task dataset ``colour`` packed at 32 px in ``store``: what the filter stage reads of the real data."""
+    import hashlib
+
+    from safetensors.numpy import save as st_save
+
+    from porcelain.data.ingest import dataset_key, pack_key
+
+    h, classes = "d" * 16, {"colour": list(COLOURS)}
+    shas = [hashlib.sha256(x.tobytes() + bytes([i % 256])).hexdigest() for i, x in enumerate(images)]
+    records = [{"image": f"{i}.png", "sha256": sha, "split": sp, "labels": {"colour": lab}}
+               for i, (sha, sp, lab) in enumerate(zip(shas, splits, labels))]
+    store.write_json(f"{dataset_key(h)}/dataset.json", {"data_hash": h, "tasks": ["colour"], "classes": classes,
+                                                       "root": "", "records": records})
+    store.write_json(f"{dataset_key(h)}/packs.json", {"packs": [{"id": "p" + h, "sha256": shas}]})
+    store.write_bytes(pack_key("p" + h, 32), st_save({"images": images}))
+    return {"data_hash": h, "tasks": ["colour"], "classes": classes, "n_shards": 1}
+
+
+def _stored_shard(store, images: np.ndarray, combo: list[int]):
+    """A generated shard of ``images`` (one combination), as the shard writer leaves it."""
+    from PIL import Image
+
+    from porcelain.results import ShardRef
+
+    keys = []
+    for x in images:
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, format="PNG")
+        keys.append(store.put_object(buf.getvalue(), "png"))
+    key = f"synthetic/test/shards/{'-'.join(map(str, combo))}-{keys[0][-12:-4]}.json"
+    store.write_json(key, {"images": [{"index": i, "key": k} for i, k in enumerate(keys)],
+                           "provenance": {"combo": combo}})
+    return ShardRef(key=key, n=len(images), combo=combo, start=0, synthesizer="test")
+
+
+def _stored_reference(store) -> dict:
+    """A random small-CNN reference classifier of the ``colour`` task, stored as the reference stage does."""
+    from porcelain.models.classifier import create_classifier
+    from porcelain.models.weights import weights_bytes
+
+    model = create_classifier("small_cnn", {"colour": len(COLOURS)}, seed=0)
+    blob = weights_bytes(model.state_dict())
+    import hashlib
+
+    return {"weights": store.put_object(blob, "safetensors", prefix="weights"),
+            "weights_sha256": hashlib.sha256(blob).hexdigest(), "architecture": "small_cnn",
+            "num_classes": {"colour": len(COLOURS)}, "tasks": ["colour"], "image_size": 32}
+
+
+def test_filter_stage_chains_texture_and_clip_score_and_the_report_shows_each_step(tmp_path, colour_clip):
+    """The stage on a constructed shard of red squares: a flat and a noise image fail texture (against
+    real red squares), two green squares of a red square's grain pass texture but fail the CLIP score with "a red square"
+    (threshold: percentile of the real red squares' scores); the rest are kept. Real CLIP scores are
+    stored once and reused; the report's section gives pass rates per step and a grid of the rejected."""
+    from PIL import Image
+
+    from porcelain.config import FilterConfig, RuntimeConfig
+    from porcelain.errors import ConfigError
+    from porcelain.filter.stage import filter_shard, filter_summary
+    from porcelain.report.build import _cell, _filter_section, _rejected_grid
+    from porcelain.report.plots import score_histograms
+    from porcelain.storage import Store
+
+    model, _, _ = colour_clip
+    folder = save_clip(model, TINY_CLIP_CFG, tmp_path / "clip")
+    (tmp_path / "vocab.yaml").write_text('template: "a {colour} square"\n')
+    store = Store(str(tmp_path / "store"))
+    rng = np.random.default_rng(5)
+
+    def squares(word: str, n: int, lo: float, hi: float) -> np.ndarray:  # noise of a std in [lo, hi] per image
+        sd = rng.uniform(lo, hi, (n, 1, 1, 1))
+        return np.clip(np.array(COLOURS[word], float) + sd * rng.standard_normal((n, 32, 32, 3)), 0, 255).astype(np.uint8)
+
+    # real images of every texture from smooth to grainy, so that a real-like image lies well inside
+    real = np.concatenate([squares(w, 30, 5, 35) for w in COLOURS])
+    data = _stored_data(store, real, [w for w in COLOURS for _ in range(30)], ["train", "test"] * (len(real) // 2))
+    red = squares("red", 6, 10, 15)
+    generated = np.concatenate([red, np.full((1, 32, 32, 3), COLOURS["red"], np.uint8),
+                                rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), squares("green", 2, 10, 15)])
+    shard = _stored_shard(store, generated, [0])
+    runtime = RuntimeConfig(device="cpu", threads=1)
+    reference = {"image_size": 32, "weights_sha256": "none (no step loads it)"}
+    clip = {"clip_score": 5.0, "clip": f"local-dir:{folder}", "vocabulary": str(tmp_path / "vocab.yaml")}
+
+    both = FilterConfig(texture=0.02, **clip)
+    ref = filter_shard(store, data, shard, reference, both, runtime)
+    doc = store.read_json(ref.filter_key)
+    assert doc["steps"] == ["texture", "clip_score"]
+    assert doc["filter"][6:] == ["texture", "texture", "clip_score", "clip_score"]
+    assert doc["keep"][:6] == [True] * 6 and ref.kept == [0, 1, 2, 3, 4, 5]
+    assert doc["reasons"][6].startswith("colour=red: contrast 0.000 outside [")
+    assert doc["reasons"][8].startswith("CLIP score")
+    assert doc["passes"]["texture"]["reached"] == 10 and doc["passes"]["texture"]["passed"] == 8
+    assert doc["passes"]["clip_score"]["per_value"]["colour"]["0"] == [8, 6]
+    clip_scores_ = doc["scores"]["clip_score"]["values"]["score"]
+    thr = doc["scores"]["clip_score"]["thresholds"]["score"]
+    assert clip_scores_[6] is None and len(thr) == 1  # not reached; one phrase, one threshold
+    assert min(clip_scores_[:6]) >= thr[0] > max(clip_scores_[8:])
+    # the threshold is the percentile of the real red squares' scores with "a red square", stored once
+    stored = store.read_json(store.list("clipscores")[0])
+    red_real = [sc for ph, sc in zip(stored["phrases"], stored["scores"]) if ph == "a red square"]
+    assert len(red_real) == 15 and thr[0] == pytest.approx(np.percentile(red_real, 5.0))
+    only_clip = filter_shard(store, data, shard, reference, FilterConfig(**clip), runtime)
+    assert len(store.list("clipscores")) == 1
+    assert store.read_json(only_clip.filter_key)["filter"][8:] == ["clip_score", "clip_score"]
+    with pytest.raises(ConfigError, match="filters.texture_tasks"):
+        filter_shard(store, data, shard, reference, FilterConfig(texture=0.02, texture_tasks=["shape"]), runtime)
+
+    # the whole chain: faithfulness (a random reference: a low bar) and memorisation in pixels and in the
+    # reference's features; an exact copy of a real train image is a near copy in both spaces
+    card = _stored_reference(store)
+    copy = _stored_shard(store, np.concatenate([real[:1], red[:3]]), [0])
+    full = FilterConfig(faithfulness=0.01, memorisation=1.0, memorisation_space="pixels+features", texture=0.02, **clip)
+    doc = store.read_json(filter_shard(store, data, copy, card, full, runtime).filter_key)
+    assert doc["steps"] == ["faithfulness", "memorisation", "texture", "clip_score"]
+    assert doc["filter"][0] == "memorisation" and "feature distance 0.0000" in doc["reasons"][0]
+    mem = doc["scores"]["memorisation"]
+    assert mem["values"]["feature_distance"][0] < 1e-6 < mem["thresholds"]["feature_distance"][0]
+
+    # the report's part: pass rate per step, per task value and per combination; histograms; the grid
+    summary = filter_summary(store, [ref], {(0,): 6}, data["classes"], data["tasks"])
+    assert summary["by_step"] == {"texture": {"reached": 10, "passed": 8}, "clip_score": {"reached": 8, "passed": 6}}
+    assert [r["filter"] for r in summary["rejected"]] == ["texture", "clip_score", "texture", "clip_score"]
+    figs = {"rejected-test.png": _rejected_grid(store, summary["rejected"], data, 32),
+            "filter-scores-test.png": score_histograms([
+                (f"{step}: {k}", v["passed"], v["dropped"], v["thresholds"])
+                for step in summary["steps"] for k, v in summary["scores"][step].items()])}
+    section = "\n".join(_filter_section(summary, both.model_dump(mode="json"), "test", figs, _cell))
+    assert "Chain: texture 0.02, clip_score 5.0." in section
+    assert "texture 80% (8/10), clip_score 75% (6/8)" in section
+    assert "| colour=red | 10 | 6 | 60% | 80% (8/10) | 75% (6/8) |" in section
+    assert "| red | 10 | 6 | 80% (8/10) | 75% (6/8) |" in section and "`rejected-test.png`" in section
+    grid = Image.open(io.BytesIO(figs["rejected-test.png"]))
+    assert grid.size[0] > 300 and grid.size[1] > 150 and np.asarray(grid.convert("L")).std() > 10
+    assert Image.open(io.BytesIO(figs["filter-scores-test.png"])).size[0] > 300
+
+
 def test_clip_score_threshold_per_phrase_and_all_real_images_for_rare_phrases():
     real = np.concatenate([np.linspace(0.20, 0.30, 20), [0.05, 0.06]])
     real_groups = ["common"] * 20 + ["rare"] * 2
@@ -212,6 +354,21 @@ def test_clip_score_threshold_per_phrase_and_all_real_images_for_rare_phrases():
     assert verdict.keep.tolist() == [True, False, True, False] and verdict.reasons[3].endswith("(of all real images)")
     with pytest.raises(ValueError, match="no real scores"):
         clip_score_filter(np.array([0.1]), real_scores=real, groups=["new"], real_groups=real_groups)
+
+
+def test_filter_config_keys():
+    from porcelain.config import FilterConfig, config_from_dict
+    from porcelain.errors import ConfigError
+
+    assert not FilterConfig().enabled and not FilterConfig(texture_tasks=["glaze"]).enabled
+    assert FilterConfig(texture=0.05).enabled and FilterConfig(clip_score=5, clip="local-dir:/m").enabled
+    for bad, key in (({"clip_score": 5}, "filters.clip_score needs filters.clip"),
+                     ({"clip": "local-dir:/m"}, "filters.clip is set"),
+                     ({"clip_score": 5, "clip": "ViT-B-32"}, "filters.clip must be 'local-dir:"),
+                     ({"texture": 0.5}, "filters.texture"), ({"clip_score": 60, "clip": "local-dir:/m"}, "clip_score"),
+                     ({"memorisation_space": "pixels+features"}, "filters.memorisation_space applies")):
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"filters": bad})
 
 
 # ------------------------------------------------------------------------------------------ chain, top-up

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from porcelain.config import config_from_dict
 from porcelain.storage import Store
@@ -406,6 +409,24 @@ def test_filters_drop_unfaithful_images_and_top_up_keeps_the_planned_counts(firs
     # filtered verdicts are stored per shard, with a reason for every dropped image
     verdicts = [store.read_json(k) for k in store.list("filtered")]
     assert verdicts and all(bool(r) != k for v in verdicts for k, r in zip(v["keep"], v["reasons"]))
+    # the stage runs the one chain (run_chain): its reasons are the faithfulness filter's own, and its
+    # verdict is what the stored score says (min over tasks of p(intended value) against 0.3)
+    for v in verdicts:
+        p_min = v["scores"]["faithfulness"]["values"]["min_probability"]
+        assert v["keep"] == [p >= 0.3 for p in p_min] and v["steps"] == ["faithfulness"]
+        assert v["passes"]["faithfulness"]["reached"] == v["n"] and v["passes"]["faithfulness"]["passed"] == sum(v["keep"])
+        assert all(re.match(r"\w+: p\(\d+\)=", r) and f == "faithfulness"
+                   for k, r, f in zip(v["keep"], v["reasons"], v["filter"]) if not k)
+    # the report: pass rate per step (overall, per task value, per combination), score histogram and
+    # a grid of rejected images beside it
+    rate = re.search(r"Pass rate per step .*?: faithfulness (\d+)% \((\d+)/(\d+)\)", section)
+    assert rate and (int(rate.group(2)), int(rate.group(3))) == (kept, made)
+    assert "| task value | made | kept | pass rate | faithfulness |" in section
+    assert "Combinations, lowest pass rate first" in section and "`rejected-closed_set.png`" in section
+    report_dir = result["report"]["key"]
+    grid = Image.open(io.BytesIO(store.read_bytes(f"{report_dir}/rejected-closed_set.png")))
+    assert grid.size[0] > 400 and grid.size[1] > 150 and np.asarray(grid.convert("L")).std() > 10
+    assert store.exists(f"{report_dir}/filter-scores-closed_set.png")
 
 
 def result_plan(store: Store, result: dict) -> list:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from porcelain.config import parse_ratio
+from porcelain.config import FilterConfig, parse_ratio
 from porcelain.data.ingest import load_split
 from porcelain.evaluate.equivalence import scale_from_runs
 from porcelain.evaluate.metrics import minority_classes
@@ -187,6 +187,14 @@ def build_report(store: Store, summary: dict[str, Any]) -> dict[str, Any]:
     for label, shards in (summary.get("shards") or {}).items():
         if shards:
             figs[f"samples-{_slug(label)}.png"] = _sample_grid(store, summary, label, cfg["generation"]["grid_per_combination"])
+    for label, f in agg["filters"].items():
+        panels = [(f"{step}: {series.replace('_', ' ')}", v["passed"], v["dropped"], v["thresholds"])
+                  for step in f["steps"] for series, v in f["scores"].get(step, {}).items()
+                  if series != "threshold" and (v["passed"] or v["dropped"])]
+        if panels:
+            figs[f"filter-scores-{_slug(label)}.png"] = plots.score_histograms(panels)
+        if f["rejected"]:
+            figs[f"rejected-{_slug(label)}.png"] = _rejected_grid(store, f["rejected"], data, cfg["classifier"]["image_size"])
     for name, blob in figs.items():
         store.write_bytes(f"{base}/{name}", blob)
 
@@ -275,6 +283,21 @@ def _sample_grid(store: Store, summary: dict[str, Any], label: str, per_side: in
         label = " / ".join(classes[t][v] for t, v in zip(gen_tasks, combo))
         rows.append((label, list(real), list(syn_x)))
     return plots.sample_grid(rows, per_side)
+
+
+def _rejected_grid(store: Store, rejected: list[dict[str, Any]], data: dict[str, Any], size: int) -> bytes:
+    """The rejected images, each captioned with its combination, the step that dropped it and why."""
+    import textwrap
+
+    from porcelain.data.images import decode_image, to_array
+
+    items = []
+    for r in rejected:
+        combo = "/".join(str(data["classes"][t][v]) for t, v in zip(data["tasks"], r["combo"]))
+        why = textwrap.fill(textwrap.shorten(r["reason"] or "-", 72, placeholder="…"), 26)
+        combo = combo if len(combo) <= 26 else combo[:25] + "…"
+        items.append((to_array(decode_image(store.read_bytes(r["image"])), size), f"{combo}\n{r['filter']}\n{why}"))
+    return plots.image_grid(items)
 
 
 def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, bytes], key: str) -> str:
@@ -393,8 +416,10 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         ref = ModelRef.model_validate(model)
         L += [f"## Synthesizer `{e(label)}` (kind `{e(ref.kind)}`)", ""]
         L += get_synthesizer(ref.kind).describe(ref, syn_cfg) + [""]
+        own = entries[label].get("filters")  # its own chain, else the run's
+        fcfg = FilterConfig.model_validate(own).model_dump(mode="json") if own else cfg.get("filters") or {}
         if label in agg.get("filters", {}):
-            L += _filter_section(agg["filters"][label], cfg.get("filters", {}), e)
+            L += _filter_section(agg["filters"][label], fcfg, label, figs, e)
         drift = (summary.get("drift") or {}).get(label)
         if drift:
             L += _drift_section(drift, label, e)
@@ -436,20 +461,53 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
     return "\n".join(L)
 
 
-def _filter_section(f: dict[str, Any], fcfg: dict[str, Any], e) -> list[str]:
-    on = ", ".join(f"{k} {v}" for k, v in fcfg.items() if k in ("faithfulness", "memorisation") and v is not None)
+MAX_COMBO_ROWS = 10
+
+
+def _rate(rp: list[int] | dict[str, int] | None) -> str:
+    """``passed/reached`` as a share, or "–" where no image reached the step."""
+    if rp is None:
+        return "–"
+    r, p = (rp["reached"], rp["passed"]) if isinstance(rp, dict) else rp
+    return f"{p / r:.0%} ({p}/{r})" if r else "–"
+
+
+def _filter_section(f: dict[str, Any], fcfg: dict[str, Any], label: str, figs: dict[str, bytes], e) -> list[str]:
+    keys = ("faithfulness", "memorisation", "texture", "clip_score")
+    on = ", ".join(f"{k} {v}" for k, v in fcfg.items() if k in keys and v is not None)
     apk = "n/a" if f["attempts_per_kept"] is None else f"{f['attempts_per_kept']:.2f}"
+    steps = f.get("steps") or []
     L = ["### Filters", "",
          f"Chain: {on}. Made {f['made']} images, kept {f['kept']} ({apk} made per kept image); dropped by "
          + (", ".join(f"{k or '?'}: {v}" for k, v in sorted(f["dropped_by"].items())) or "none") + ".", ""]
     if f["short"]:
         L.append(f"- **{len(f['short'])} combinations stayed short of their planned count** after top-up (at most "
                  f"{fcfg.get('max_attempts')} × planned made): their ratios hold fewer synthetic images than planned.")
-    L += ["", "| task value | made | kept | pass rate |", "|---|---|---|---|"]
+    if steps:
+        L += ["", "Pass rate per step (passed / images that reached it; each step sees only the survivors of the "
+              "ones before): " + ", ".join(f"{e(s)} {_rate(f['by_step'][s])}" for s in steps) + "."]
+    L += ["", "| task value | made | kept | pass rate | " + " | ".join(e(s) for s in steps) + " |",
+          "|---|---|---|---|" + "---|" * len(steps)]
     for k, v in f["by_value"].items():
-        L.append(f"| {e(k)} | {v['made']} | {v['kept']} | {v['kept'] / v['made']:.0%} |")
-    if f["examples"]:
-        L += ["", "Rejected, with the reason: " + "; ".join(f"{e(x['filter'])}: {e(x['reason'])}" for x in f["examples"][:4])]
+        L.append(f"| {e(k)} | {v['made']} | {v['kept']} | {v['kept'] / v['made']:.0%} | "
+                 + " | ".join(_rate(f["by_step_value"].get(s, {}).get(k)) for s in steps) + " |")
+    combos = sorted(f.get("by_combo") or [], key=lambda c: (c["kept"] / c["made"] if c["made"] else 1.0, c["name"]))
+    if combos:
+        L += ["", f"Combinations, lowest pass rate first ({min(len(combos), MAX_COMBO_ROWS)} of {len(combos)}):", "",
+              "| combination | made | kept | " + " | ".join(e(s) for s in steps) + " |",
+              "|---|---|---|" + "---|" * len(steps)]
+        for c in combos[:MAX_COMBO_ROWS]:
+            L.append(f"| {e(c['name'])} | {c['made']} | {c['kept']} | "
+                     + " | ".join(_rate(c["steps"].get(s)) for s in steps) + " |")
+    hist, grid = f"filter-scores-{_slug(label)}.png", f"rejected-{_slug(label)}.png"
+    if hist in figs:
+        L += ["", f"Scores of the images each step judged, passed and dropped (dashed: its threshold): `{hist}`"]
+    if grid in figs:
+        L += ["", f"{len(f['rejected'])} rejected images, taken in turn from each step, each captioned with its "
+              f"combination, the step that dropped it and why: `{grid}`"]
+    if f.get("rejected"):
+        L += ["", "Rejected, with the reason: " + "; ".join(f"{e(x['filter'])}: {e(x['reason'])}"
+                                                        for x in f["rejected"][:4])]
     return L + [""]
 
 

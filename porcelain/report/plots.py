@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, no display): sample grid, imbalance before/after, macro-F1 per ratio."""
+"""Report figures (matplotlib, no display): sample grid, imbalance before/after, macro-F1 per ratio,
+filter score histograms and a captioned image grid (rejected images)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,22 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _bare(ax):
+    """An image panel: no ticks, no frame."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    return ax
+
+
 def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[np.ndarray]]], per_side: int) -> bytes:
     """One row per combination: ``per_side`` real images, then ``per_side`` generated ones."""
     n = max(1, len(rows))
     fig, axes = plt.subplots(n, 2 * per_side, figsize=(2 * per_side * 0.9 + 3.2, n * 0.95 + 0.4), squeeze=False)
     for r, (label, real, syn) in enumerate(rows):
         for c in range(2 * per_side):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
+            ax = _bare(axes[r][c])
             # Real images are right-aligned against the generated ones: rare combinations have fewer
             # real images than slots, and left-aligned they left a wide empty band between the two.
             src = real if c < per_side else syn
@@ -73,4 +79,48 @@ def metric_by_ratio(tasks: Sequence[str], ratios: Sequence[str],
     ax.set_xlabel("real:synthetic")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def score_histograms(panels: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float]]]) -> bytes:
+    """One histogram per ``(title, passed, dropped, thresholds)``: the scores of the images that
+    reached a filter step, passed and dropped stacked, thresholds as dashed lines (at most 3 drawn;
+    more are per-group thresholds, shown by their range)."""
+    n = max(1, len(panels))
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, passed, dropped, thresholds) in zip(axes.flat, panels):
+        values = np.asarray(list(passed) + list(dropped), np.float64)
+        if len(values):
+            bins = np.histogram_bin_edges(values, bins=min(30, max(5, len(values) // 3)))
+            ax.hist([np.asarray(passed, np.float64), np.asarray(dropped, np.float64)], bins=bins, stacked=True,
+                    color=["#4c9a5b", "#c4504a"], label=[f"passed ({len(passed)})", f"dropped ({len(dropped)})"])
+        lines = sorted(thresholds)
+        if len(lines) > 3:
+            lines = [lines[0], lines[-1]]
+        for i, t in enumerate(lines):
+            ax.axvline(t, color="k", linestyle="--", linewidth=1,
+                       label=("threshold" if len(thresholds) <= 3 else "threshold range") if i == 0 else None)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def image_grid(items: Sequence[tuple[np.ndarray, str]], cols: int = 6) -> bytes:
+    """Images with a caption under each (a few short lines), ``cols`` per row."""
+    n = max(1, len(items))
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        _bare(ax)
+    for ax, (image, caption) in zip(axes.flat, items):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_xlabel(caption, fontsize=5.5, linespacing=1.1)
+    fig.tight_layout()
     return _png(fig)
