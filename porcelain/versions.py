@@ -50,7 +50,8 @@ STAGES: dict[str, Stage] = {
     "drift": Stage("1", ("porcelain.synthesizers.drift",), ML_LIBS),
     # 2: one chain (run_chain), texture and CLIP-score steps, pass counts and per-image scores stored
     "filters": Stage("2", ("porcelain.filter.stage",), ML_LIBS + ("open_clip_torch",)),
-    "faithfulness": Stage("3", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS),  # 3: FID/KID per value with a real floor
+    # 4: GLCM texture of generated vs real test images per class (3: FID/KID per value with a real floor)
+    "faithfulness": Stage("4", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS + ("scipy",)),
     "sweep": Stage("2", ("porcelain.train.sweep", "porcelain.train.classifier"), ML_LIBS),  # 2: val predictions stored; per-task synthetic loss weights
     "adaptive": Stage("1", ("porcelain.evaluate.adaptive",), ("numpy",)),
     "report": Stage("3", ("porcelain.report.build", "porcelain.report.html", "porcelain.evaluate.equivalence",

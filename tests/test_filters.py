@@ -203,6 +203,24 @@ def test_texture_filter_drops_flat_and_noise_images_among_real_like_ones():
         texture_filter(glcm_features(generated), {"kind": ["wave"] * 10}, glcm_features(real), real_labels, 0.5)
 
 
+def test_texture_summary_and_its_report_table_stay_short_for_many_classes():
+    from porcelain.filter.texture import texture_summary
+    from porcelain.report.build import MAX_TEXTURE_CLASSES, _cell, _texture_section
+
+    rng = np.random.default_rng(1)
+    real = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    smooth = np.clip(120 + rng.normal(0, 8, (40, 16, 16, 3)), 0, 255).astype(np.uint8)
+    classes = {"kind": [f"c{i}" for i in range(20)]}
+    tex = texture_summary(smooth, np.arange(40)[:, None] % 20, real, np.arange(60)[:, None] % 20, ["kind"], classes)
+    rows = {(r["class"], r["statistic"]): r for r in tex["tasks"]["kind"]}
+    assert rows[("(all)", "contrast")]["ks"] == 1.0 and rows[("(all)", "contrast")]["n_real"] == 60
+    assert rows[("c3", "homogeneity")]["n_synthetic"] == 2 and rows[("c3", "homogeneity")]["ks_p"] is not None
+    lines = _texture_section(json.loads(json.dumps(tex)), ["kind"], _cell)
+    table = [x for x in lines if x.startswith("| kind |")]
+    assert len(table) == MAX_TEXTURE_CLASSES + 1 and "14 more classes" in table[-1]
+    assert any(x.startswith("| all | all images | 40 / 60 |") for x in lines)
+
+
 # ------------------------------------------------------------------------------------------ the filter stage
 
 

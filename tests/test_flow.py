@@ -427,6 +427,11 @@ def test_filters_drop_unfaithful_images_and_top_up_keeps_the_planned_counts(firs
     grid = Image.open(io.BytesIO(store.read_bytes(f"{report_dir}/rejected-closed_set.png")))
     assert grid.size[0] > 400 and grid.size[1] > 150 and np.asarray(grid.convert("L")).std() > 10
     assert store.exists(f"{report_dir}/filter-scores-closed_set.png")
+    # the texture table (always, filters or not): generated vs real test per class, with the KS statistic
+    assert "#### Texture (GLCM) against real test images" in md and "| all | all images |" in md and "| glaze |" in md
+    texture = result["faithfulness"]["closed_set"]["texture"]
+    assert set(texture["tasks"]) == {"dynasty", "kiln", "glaze", "type"}
+    assert all(0 <= r["ks"] <= 1 for rows in texture["tasks"].values() for r in rows if r["ks"] is not None)
 
 
 def result_plan(store: Store, result: dict) -> list:

@@ -9,6 +9,9 @@ measurable** (with the reason), and no pass or fail is drawn from it.
 Memorisation: the distance of each generated image to its nearest real train image, against the
 same for real test images (real images the generator never saw). Generated images much closer to
 the train set than real test images ever are look like copies.
+
+Texture: GLCM contrast and homogeneity of the generated images against real test images, per task
+and class, with the two-sample KS statistic (:func:`porcelain.filter.texture.texture_summary`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from porcelain.config import FaithfulnessConfig, RuntimeConfig
 from porcelain.data.ingest import load_split
 from porcelain.evaluate.reference import load_reference
 from porcelain.evaluate.stats import wilson_interval
+from porcelain.filter.texture import texture_summary
 from porcelain.generate.shards import load_synthetic
 from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
@@ -103,7 +107,8 @@ def set_quality(model: Any, data: dict[str, Any], synthetic: tuple[np.ndarray, n
 
 def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], reference: dict[str, Any],
                          cfg: FaithfulnessConfig, runtime: RuntimeConfig) -> dict[str, Any]:
-    """Label faithfulness and memorisation of the images in ``shards`` (one synthesizer's)."""
+    """Label faithfulness, memorisation, set-level distance and texture of the images in ``shards``
+    (one synthesizer's)."""
     apply_runtime(runtime)
     shards = [s if isinstance(s, dict) else s.model_dump() for s in shards]
     tasks = data["tasks"]
@@ -146,6 +151,8 @@ def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], 
         "reference": {k: reference[k] for k in ("key", "architecture", "trained_on", "floor", "selected_step")},
         "memorisation": memorisation(syn_x, train_x, test_x),
         "set_quality": set_quality(model, data, (syn_x, syn_y), (test_x, test_y), (floor_x, floor_y), floor_split),
+        # GLCM texture of the generated images against real test images, per task and class
+        "texture": texture_summary(syn_x, syn_y, test_x, test_y, tasks, data["classes"]),
         "threshold": cfg.threshold,
         "meets_target": {t: faith[t]["share"] >= cfg.threshold for t in measurable},
         # None when some task cannot be judged: no overall pass is claimed from what was not measured.

@@ -426,6 +426,8 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
         faith = faiths.get(label) or {}
         if faith.get("n_images"):
             L += _faithfulness_section(faith, tasks, e)
+        if faith.get("texture"):
+            L += _texture_section(faith["texture"], fcfg.get("texture_tasks") or tasks, e)
     if summary.get("adaptive"):
         L += _adaptive_section(summary["adaptive"], tasks, e)
     if agg.get("equivalence"):
@@ -462,6 +464,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
 
 
 MAX_COMBO_ROWS = 10
+MAX_TEXTURE_CLASSES = 6
 
 
 def _rate(rp: list[int] | dict[str, int] | None) -> str:
@@ -508,6 +511,45 @@ def _filter_section(f: dict[str, Any], fcfg: dict[str, Any], label: str, figs: d
     if f.get("rejected"):
         L += ["", "Rejected, with the reason: " + "; ".join(f"{e(x['filter'])}: {e(x['reason'])}"
                                                         for x in f["rejected"][:4])]
+    return L + [""]
+
+
+def _texture_section(tex: dict[str, Any], tasks: list[str], e) -> list[str]:
+    """GLCM texture of the generated images against real test images: per task all classes pooled,
+    then the classes whose distributions differ most (largest KS statistic)."""
+    L = ["#### Texture (GLCM) against real test images", "",
+         f"Grey-level co-occurrence ({tex['levels']} grey levels, 1-pixel offsets, at the reference's image size) "
+         f"of {tex['n_synthetic']} generated and {tex['n_real']} real test images: mean contrast and homogeneity, and "
+         "the two-sample KS statistic (0: same distribution, 1: disjoint). Generated images smoother or noisier than "
+         "real ones show up here before they show up in a classifier.", "",
+         "| task | class | n gen / real | contrast gen / real | KS | homogeneity gen / real | KS |",
+         "|---|---|---|---|---|---|---|"]
+
+    def num(x: Any, d: int = 3) -> str:
+        return "n/a" if x is None else f"{x:.{d}f}"
+
+    def row(task: str, name: str, st: dict[str, dict[str, Any]]) -> str:
+        c, h = st["contrast"], st["homogeneity"]
+        return (f"| {e(task)} | {e(name)} | {c['n_synthetic']} / {c['n_real']} | {num(c['synthetic_mean'])} / "
+                f"{num(c['real_mean'])} | {num(c['ks'], 2)} | {num(h['synthetic_mean'])} / {num(h['real_mean'])} | "
+                f"{num(h['ks'], 2)} |")
+
+    pooled_done = False
+    for t in tasks:
+        by: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in tex["tasks"].get(t) or []:
+            by.setdefault(str(r["class"]), {})[r["statistic"]] = r
+        pooled = by.pop("(all)", None)
+        if pooled and not pooled_done:  # every class of every task: the same images, shown once
+            L.append(row("all", "all images", pooled))
+            pooled_done = True
+        # the classes whose generated images differ most from real ones (largest KS) first
+        shown = sorted((c for c in by.items() if any(r["n_synthetic"] for r in c[1].values())),
+                       key=lambda c: (-max((r["ks"] or 0.0) for r in c[1].values()), c[0]))
+        L += [row(t, name, st) for name, st in shown[:MAX_TEXTURE_CLASSES]]
+        if len(shown) > MAX_TEXTURE_CLASSES:
+            L.append(f"| {e(t)} | … {len(shown) - MAX_TEXTURE_CLASSES} more classes with generated images (smaller KS) "
+                     "| | | | | |")
     return L + [""]
 
 
