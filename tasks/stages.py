@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from prefect import task
@@ -19,25 +20,43 @@ from porcelain.config import (
     StorageConfig,
     SweepConfig,
 )
-from porcelain.data.ingest import default_root, fingerprint, ingest_dataset, pack_data_shard
-from porcelain.data.source import materialize_builtin
-from porcelain.evaluate.adaptive import choose_adaptive
-from porcelain.evaluate.judging import measure_faithfulness
-from porcelain.evaluate.reference import train_reference
-from porcelain.generate.shards import generate_shard
-from porcelain.generate.targeting import plan_generation
-from porcelain.report.build import build_report
-from porcelain.report.publish import artifact_key, published_report
+from porcelain.data.ingest import default_root, fingerprint
+from porcelain.report.publish import artifact_key
 from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
 from porcelain.synthesizers import SynthesizerConfig
-from porcelain.filter.stage import filter_shard, top_up
-from porcelain.generate.targeting import decode_alloc
-from porcelain.synthesizers.drift import measure_drift
-from porcelain.synthesizers.prepare import prepare_synthesizer
-from porcelain.train.sweep import train_and_evaluate
 from tasks.policy import TASK_DEFAULTS, content_cache_key
 from tasks.progress import progress_artifact
+
+
+def _lazy(module: str, name: str) -> Any:
+    """``module.name``, imported at its first call: a rerun whose tasks all come from cache never
+    imports the training, generation and report code (timm, diffusers, torchmetrics, matplotlib)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name} (imported at the first call)"
+    return call
+
+
+ingest_dataset = _lazy("porcelain.data.ingest", "ingest_dataset")
+pack_data_shard = _lazy("porcelain.data.ingest", "pack_data_shard")
+materialize_builtin = _lazy("porcelain.data.source", "materialize_builtin")
+choose_adaptive = _lazy("porcelain.evaluate.adaptive", "choose_adaptive")
+measure_faithfulness = _lazy("porcelain.evaluate.judging", "measure_faithfulness")
+train_reference = _lazy("porcelain.evaluate.reference", "train_reference")
+generate_shard = _lazy("porcelain.generate.shards", "generate_shard")
+plan_generation = _lazy("porcelain.generate.targeting", "plan_generation")
+decode_alloc = _lazy("porcelain.generate.targeting", "decode_alloc")
+build_report = _lazy("porcelain.report.build", "build_report")
+published_report = _lazy("porcelain.report.publish", "published_report")
+filter_shard = _lazy("porcelain.filter.stage", "filter_shard")
+top_up = _lazy("porcelain.filter.stage", "top_up")
+measure_drift = _lazy("porcelain.synthesizers.drift", "measure_drift")
+prepare_synthesizer = _lazy("porcelain.synthesizers.prepare", "prepare_synthesizer")
+train_and_evaluate = _lazy("porcelain.train.sweep", "train_and_evaluate")
 
 
 def _store(storage: StorageConfig) -> Store:

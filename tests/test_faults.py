@@ -122,11 +122,11 @@ def test_two_runs_of_one_config_at_once(tiny_run, tmp_path):
 
 
 def test_non_finite_loss_stops_at_once_with_stage_and_step(tiny_run, monkeypatch):
-    import porcelain.synthesizers.closed_set as closed_set
+    import porcelain.train.generator as training
 
-    real = closed_set.train_generator
+    real = training.train_generator
     # A learning rate no config accepts: the weights overflow and the loss turns non-finite.
-    monkeypatch.setattr(closed_set, "train_generator", lambda *a, **k: real(*a, **{**k, "lr": 1e30}))
+    monkeypatch.setattr(training, "train_generator", lambda *a, **k: real(*a, **{**k, "lr": 1e30}))
     cfg = tiny_config(tiny_run[0]["storage"]["url"], generator={"train_steps": 41})
     state, states = run_flow(cfg, expect_success=False)
     assert state.is_failed()

@@ -321,14 +321,16 @@ def test_train_closed_set_passes_the_config(tmp_path, monkeypatch):
 
     images, labels = _mirror_data()
     monkeypatch.setattr(stage, "load_split", lambda *a, **k: (images, labels))
+    import porcelain.train.generator as training
+
     seen: dict = {}
-    real_train = stage.train_generator
+    real_train = training.train_generator
 
     def spy(model, *a, **kw):
         seen.update(kw, spec=model.spec)
         return real_train(model, *a, **kw)
 
-    monkeypatch.setattr(stage, "train_generator", spy)
+    monkeypatch.setattr(training, "train_generator", spy)  # the stage imports it where it trains
     cfg = GeneratorConfig(preset="tiny", resolution=RES, train_steps=2, batch_size=4,
                           spec={"norm_num_groups": 4, "noise_shift": 2.0})
     data = {"data_hash": "0" * 16, "n_shards": 1, "tasks": ["side"], "classes": {"side": ["left", "right"]}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -17,9 +17,7 @@ from pydantic import Field
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split
 from porcelain.generate.plan import ShardSpec
-from porcelain.generate.sampling import sample_images
 from porcelain.hashing import stable_hash
-from porcelain.models.generator import ConditionalUNet, create_generator
 from porcelain.models.weights import load_weights, weights_bytes
 from porcelain.progress import LogProgress
 from porcelain.results import FileRef, ModelRef, key_of
@@ -27,8 +25,12 @@ from porcelain.runtime import apply_runtime, runtime_identity
 from porcelain.storage import Store
 from porcelain.synthesizers import register
 from porcelain.synthesizers.base import Generated, Synthesizer, SynthesizerConfig
-from porcelain.train.generator import train_generator
 from porcelain.versions import stage_identity
+
+if TYPE_CHECKING:
+    from porcelain.models.generator import ConditionalUNet
+# diffusers (behind the generator, its training and sampling) is imported where it is used, so that
+# reading a config, or a rerun whose every task is cached, does not load it
 
 
 class ClosedSetConfig(SynthesizerConfig):
@@ -49,7 +51,7 @@ class ClosedSetConfig(SynthesizerConfig):
         return [self.generator.resolution]
 
 
-_MODELS: dict[str, ConditionalUNet] = {}  # by weights sha256: the shards of one run reuse the loaded model
+_MODELS: dict[str, "ConditionalUNet"] = {}  # by weights sha256: the shards of one run reuse the loaded model
 
 
 @register
@@ -75,6 +77,9 @@ class ClosedSet(Synthesizer):
 
     def _train(self, store: Store, data: dict[str, Any], cfg: GeneratorConfig, runtime: RuntimeConfig, key: str,
                base: str, identity: dict[str, Any]) -> ModelRef:
+        from porcelain.models.generator import create_generator
+        from porcelain.train.generator import train_generator
+
         images, labels = load_split(store, data["data_hash"], cfg.resolution, data["n_shards"], "train")
         num_classes = [len(data["classes"][t]) for t in data["tasks"]]
         model = create_generator(cfg.preset, num_classes=num_classes, resolution=cfg.resolution, seed=cfg.seed,
@@ -103,7 +108,9 @@ class ClosedSet(Synthesizer):
         store.write_json(f"{base}/ref.json", ref.model_dump(mode="json"))  # last: the generator exists once this does
         return ref
 
-    def _load(self, store: Store, ref: ModelRef) -> ConditionalUNet:
+    def _load(self, store: Store, ref: ModelRef) -> "ConditionalUNet":
+        from porcelain.models.generator import create_generator
+
         f = ref.files["weights"]
         if f.sha256 not in _MODELS:
             state, _ = load_weights(store.read_verified(f.key, f.sha256))
@@ -115,6 +122,8 @@ class ClosedSet(Synthesizer):
 
     def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: ClosedSetConfig,
                  runtime: RuntimeConfig) -> Generated:
+        from porcelain.generate.sampling import sample_images
+
         model = self._load(store, ref)
         labels = np.tile(np.asarray(spec.combo, dtype=np.int64), (spec.count, 1))
         s = cfg.sampling

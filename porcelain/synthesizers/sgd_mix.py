@@ -30,7 +30,6 @@ from porcelain.augment.masks import foreground_mask, union_mask
 from porcelain.augment.mixing import choose_targets, mix
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split, split_ids
-from porcelain.generate.img2img import img2img
 from porcelain.generate.plan import ShardSpec
 from porcelain.hashing import canonical_safetensors, stable_hash
 from porcelain.results import FileRef, ModelRef
@@ -167,6 +166,8 @@ class SgdMix(ImageConditioned):
                                           runtime=runtime)
             prov = [{**p, **r} for p, r in zip(prov, refined)]
         else:
+            from porcelain.generate.img2img import img2img
+
             model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
             s = cfg.sampling
             out = img2img(model, mixed, labels[src], strength=strength, steps=s.steps, guidance=s.guidance,

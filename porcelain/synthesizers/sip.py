@@ -36,7 +36,6 @@ from pydantic import Field, model_validator
 
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split
-from porcelain.generate.img2img import guidance_from_similarity, img2img
 from porcelain.generate.plan import ShardSpec
 from porcelain.hashing import stable_hash
 from porcelain.results import FileRef, ModelRef
@@ -212,6 +211,7 @@ class Sip(ImageConditioned):
                 strength: float, runtime: RuntimeConfig) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, np.ndarray]]:
         """Edit the train images at rows ``src``: (images, provenance, intermediates for the audit grid)."""
         from porcelain.data.ingest import split_ids
+        from porcelain.generate.img2img import guidance_from_similarity, img2img
 
         h = ref.meta["data_hash"]
         images, labels = load_split(store, h, cfg.resolution, ref.meta["n_shards"], "train")
