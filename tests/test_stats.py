@@ -312,3 +312,27 @@ def test_student_t_helpers_still_work():
     assert mean == pytest.approx(0.2) and low < 0.2 < high
     d, lo, hi = paired_delta_ci([0.3, 0.4, 0.5], [0.1, 0.2, 0.3])
     assert d == pytest.approx(0.2) and lo == pytest.approx(0.2) and hi == pytest.approx(0.2)
+
+
+def test_best_setting_per_kind_is_chosen_on_val_not_test():
+    from porcelain.evaluate.selection import best_on_val
+
+    def run(arm, syn, seed, val, test):
+        return {"arm": arm, "ratio": "1:1", "synthesizer": syn, "seed": seed, "best_val_macro_f1": val,
+                "macro_f1": test}
+
+    runs = [run("100:0", None, s, 0.80, 0.80) for s in (0, 1)]
+    runs += [run("mix_s03 1:1", "mix_s03", s, v, 0.99) for s, v in ((0, 0.81), (1, 0.83))]  # best on test only
+    runs += [run("mix_s07 1:1", "mix_s07", s, v, 0.70) for s, v in ((0, 0.86), (1, 0.84))]  # best on val
+    runs += [run("closed_set 1:1", "closed_set", s, 0.79, 0.9) for s in (0, 1)]
+    runs += [{**run("real 50%", None, 0, 0.99, 0.99), "real_fraction": 0.5}]  # a learning-curve point: never chosen
+    kinds = {"mix_s03": "sgd_mix", "mix_s07": "sgd_mix", "closed_set": "closed_set"}
+    best = best_on_val(runs, kinds, "100:0")
+    assert set(best) == {"sgd_mix", "closed_set"}
+    assert best["sgd_mix"]["arm"] == "mix_s07 1:1" and best["sgd_mix"]["val_macro_f1"] == pytest.approx(0.85)
+    assert best["sgd_mix"]["candidates"] == pytest.approx({"mix_s03 1:1": 0.82, "mix_s07 1:1": 0.85})
+    assert best["sgd_mix"]["baseline_val_macro_f1"] == pytest.approx(0.80) and best["sgd_mix"]["n_seeds"] == 2
+    assert best["closed_set"]["arm"] == "closed_set 1:1"
+    # equal val scores: the first arm in alphabetical order, whatever the order of the runs
+    tie = [run("b 1:1", "b", 0, 0.9, 0), run("a 1:1", "a", 0, 0.9, 0)]
+    assert best_on_val(tie, {"a": "k", "b": "k"}, "100:0")["k"]["arm"] == "a 1:1"
