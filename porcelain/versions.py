@@ -54,9 +54,9 @@ STAGES: dict[str, Stage] = {
     "faithfulness": Stage("4", ("porcelain.evaluate.judging", "porcelain.evaluate.fid"), ML_LIBS + ("scipy",)),
     "sweep": Stage("2", ("porcelain.train.sweep", "porcelain.train.classifier"), ML_LIBS),  # 2: val predictions stored; per-task synthetic loss weights
     "adaptive": Stage("1", ("porcelain.evaluate.adaptive",), ("numpy",)),
-    "report": Stage("3", ("porcelain.report.build", "porcelain.report.html", "porcelain.evaluate.equivalence",
+    "report": Stage("4", ("porcelain.report.build", "porcelain.report.html", "porcelain.evaluate.equivalence",
                               "porcelain.watch"),
-                    ("numpy", "matplotlib", "scipy")),  # 3: report.html, table.json, equivalence scale
+                    ("numpy", "matplotlib", "scipy")),  # 3: report.html, table.json, equivalence scale; 4: filter, texture, best-on-val sections
 }
 
 

@@ -124,3 +124,18 @@ def test_a_lone_uncorrected_difference_among_many_comparisons_is_not_a_verdict(t
     assert fam["low"] < raw["low"] <= raw["high"] < fam["high"]  # the corrected interval is wider
     md = store.read_bytes(build_report(store, s)["report"]).decode()
     assert "corrected for the 10 comparisons" in md
+
+
+def test_best_setting_per_kind_is_the_val_choice_with_its_test_verdict(tmp_path):
+    store = Store(str(tmp_path))
+    summary = _summary(store, ratios=("100:0", "90:10", "50:50"), acc=(0.6, 0.9, 0.62), steps=(50, 50, 50))
+    for r in summary["runs"]:  # 50:50 is best on val, 90:10 on test
+        r["best_val_macro_f1"] = {"100:0": 0.6, "90:10": 0.55, "50:50": 0.7}[r["ratio"]]
+    md = build_report(store, summary)["markdown"]
+    section = md.split("### Best setting per kind, chosen on val")[1].split("\n## ")[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| closed_set |")]
+    assert len(rows) == 1 and "| closed_set 50:50 | 0.700 (0.600) | closed_set 90:10 0.550 |" in rows[0]
+    assert "| glaze |" in rows[0] and "no clear difference" in rows[0]  # 0.62 vs 0.60: not told apart
+    # one arm per kind: nothing to choose, no section
+    single = _summary(Store(str(tmp_path / "one")))
+    assert "Best setting per kind" not in build_report(Store(str(tmp_path / "one")), single)["markdown"]

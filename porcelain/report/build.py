@@ -355,6 +355,7 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
             L.append(f"| {e(t)} | " + " | ".join(
                 f"{_dci(agg['delta']['macro_f1'][r][t])} {_short(_task_verdict(agg, r, t))}" for r in others) + " |")
         L += [""]
+        L += _best_on_val_section(summary, agg, tasks, e)
 
     L += ["## Does synthetic data help?", "",
           f"Difference of test macro-F1 against the real-only baseline ({e(base)}), mean over seeds, with a 95% "
@@ -609,6 +610,32 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
     if q:
         L += _set_quality_section(q, tasks, e)
     return L
+
+
+def _best_on_val_section(summary: dict[str, Any], agg: dict[str, Any], tasks: list[str], e) -> list[str]:
+    """Per kind with more than one arm: the arm best on val, and its test result as in the table above."""
+    from porcelain.evaluate.selection import best_on_val
+
+    kinds = {s.get("name") or s["kind"]: s["kind"] for s in summary["config"].get("synthesizers") or []}
+    best = {k: b for k, b in best_on_val(summary["runs"], kinds, agg["baseline"]).items() if len(b["candidates"]) > 1}
+    if not best:
+        return []
+    L = ["### Best setting per kind, chosen on val", "",
+         "Each kind's arm (setting × ratio) with the best mean val macro-F1 over seeds: what to keep. It is chosen "
+         "on the real val split, so its test difference below is the one in the table above, with the same "
+         "corrected verdict (picking the best arm on test would report the luckiest draw).", "",
+         "| kind | chosen on val | val macro-F1 (real-only) | other arms on val | task | Δ test macro-F1 | verdict |",
+         "|---|---|---|---|---|---|---|"]
+    for kind, b in best.items():
+        arm = b["arm"]
+        base = "n/a" if b["baseline_val_macro_f1"] is None else f"{b['baseline_val_macro_f1']:.3f}"
+        rest = ", ".join(f"{e(a)} {v:.3f}" for a, v in b["candidates"].items() if a != arm)
+        for i, t in enumerate(tasks):
+            head = (f"| {e(kind)} | {e(arm)} | {b['val_macro_f1']:.3f} ({base}) | {rest} " if i == 0 else "| | | | ")
+            d = agg["delta"]["macro_f1"].get(arm, {}).get(t)
+            L.append(head + f"| {e(t)} | {'n/a' if d is None else _dci(d)} | "
+                     f"{'n/a' if d is None else _task_verdict(agg, arm, t)} |")
+    return L + [""]
 
 
 def _adaptive_section(adaptive: dict[str, Any], tasks: list[str], e) -> list[str]:
