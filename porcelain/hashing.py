@@ -85,3 +85,18 @@ def canonical_safetensors(blob: bytes) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + blob[8 + n :]
+
+
+def weights_folder_identity(path: str | None) -> Any:
+    """A weights folder (``local-dir:``/plain path) by the sha256 of its safetensors files, not by where
+    it is; a hub id, which the loader resolves from the local cache, by its name."""
+    if path is None:
+        return None
+    p = Path(path.removeprefix("local-dir:")).expanduser()
+    files = sorted(p.rglob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return {"name": path}  # a hub id: resolved from the local cache by the loader
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return {"safetensors_sha256": h.hexdigest()}

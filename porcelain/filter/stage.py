@@ -85,9 +85,9 @@ def _clip_identity(cfg: FilterConfig) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _weights_identity(path: str, stamp: tuple) -> Any:
-    from porcelain.synthesizers.sip import _path_identity
+    from porcelain.hashing import weights_folder_identity
 
-    return _path_identity(path)
+    return weights_folder_identity(path)
 
 
 def _verdicts(store, data, shard, reference, cfg, runtime, load_reference, predict_logits) -> dict[str, Any]:

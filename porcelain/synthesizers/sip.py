@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from porcelain.config import GeneratorConfig, RuntimeConfig, SamplingConfig
 from porcelain.data.ingest import load_split
 from porcelain.generate.plan import ShardSpec
-from porcelain.hashing import stable_hash
+from porcelain.hashing import stable_hash, weights_folder_identity
 from porcelain.results import FileRef, ModelRef
 from porcelain.runtime import apply_runtime
 from porcelain.storage import Store
@@ -104,7 +104,7 @@ class SipConfig(SynthesizerConfig, AutoStrengthSettings, DriftSettings, RefinerS
 
         auto = {"auto_strength": True} if self.strength == "auto" else {}  # (its prepared model holds the reference)
         return {"kind": self.kind, "refiner": self.refiner_config().prepare_identity(),
-                "clip": _path_identity(self.clip), "captioner": _path_identity(self.captioner), "n_beam": self.n_beam,
+                "clip": weights_folder_identity(self.clip), "captioner": weights_folder_identity(self.captioner), "n_beam": self.n_beam,
                 "n_sample": self.n_sample, "vocabulary": vocabulary_hash(load_vocabulary(self.vocabulary)),
                 "label_weight": self.label_weight, **auto}
 
@@ -116,22 +116,6 @@ class SipConfig(SynthesizerConfig, AutoStrengthSettings, DriftSettings, RefinerS
 
     def image_sizes(self) -> list[int]:
         return [self.resolution]
-
-
-def _path_identity(path: str | None) -> Any:
-    """A weights folder by the sha256 of its safetensors files, not by where it is."""
-    if path is None:
-        return None
-    from pathlib import Path
-
-    p = Path(path.removeprefix("local-dir:")).expanduser()
-    files = sorted(p.rglob("*.safetensors")) if p.is_dir() else []
-    if not files:
-        return {"name": path}  # a hub id: resolved from the local cache by the loader
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + f.read_bytes())
-    return {"safetensors_sha256": h.hexdigest()}
 
 
 def describe_train_images(store: Store, data: dict[str, Any], cfg: SipConfig, runtime: RuntimeConfig) -> FileRef:
