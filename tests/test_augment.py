@@ -160,6 +160,22 @@ def test_img2img_is_batch_independent_and_moves_further_with_strength(tiny_gener
         img2img(tiny_generator, imgs, labels, strength=0.1, steps=4, device="cpu")
 
 
+def test_img2img_with_a_guidance_per_image_equals_each_image_at_its_own_guidance(tiny_generator):
+    imgs, labels = _sources()
+    w = np.array([0.0, 0.5, 1.5, 3.0, 0.25])
+    batch = img2img(tiny_generator, imgs, labels, strength=0.75, steps=4, guidance=w, seed=3, batch_size=2,
+                    device="cpu")
+    for i, wi in enumerate(w):
+        alone = img2img(tiny_generator, imgs[[i]], labels[[i]], strength=0.75, steps=4, guidance=float(wi), seed=3,
+                        first_index=i, device="cpu")[0]
+        assert np.abs(batch[i].astype(int) - alone.astype(int)).max() <= 1
+    one = img2img(tiny_generator, imgs, labels, strength=0.75, steps=4, guidance=0.5, seed=3, device="cpu")
+    assert np.abs(batch[1].astype(int) - one[1].astype(int)).max() <= 1  # w = 0.5 for image 1 in both
+    assert np.abs(batch[3].astype(int) - one[3].astype(int)).max() > 1  # 3.0 is not 0.5
+    with pytest.raises(ValueError, match="4 guidance scales for 5 images"):
+        img2img(tiny_generator, imgs, labels, strength=0.75, steps=4, guidance=w[:4], device="cpu")
+
+
 def test_guidance_from_similarity_is_clipped_linear_and_non_increasing():
     kw = dict(lo=0.2, hi=0.3, w_min=1.0, w_max=5.0)
     assert guidance_from_similarity(0.1, **kw) == 5.0 and guidance_from_similarity(0.4, **kw) == 1.0

@@ -360,7 +360,7 @@ def tiny_clip_and_blip(tmp_path_factory):
     return f"local-dir:{root / 'clip'}", str(build_tiny_blip(root / "blip", seed=0, image_size=32))
 
 
-def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_run, tiny_clip_and_blip):
+def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_run, tiny_clip_and_blip, body_calls):
     cfg, _, _ = first_run
     clip, blip = tiny_clip_and_blip
     run = tiny_config(cfg["storage"]["url"], sweep={"ratios": ["100:0", "80:20"], "seeds": [0]})
@@ -381,6 +381,12 @@ def test_sip_edits_train_images_with_captions_and_clip_derived_guidance(first_ru
     assert len({p["guidance"] for p in edits}) > 1  # guidance follows each source's similarity
     md = store.read_bytes(result["report"]["report"]).decode()
     assert "## Synthesizer `sip` (kind `sip`)" in md and "label-conditioned SDEdit" in md
+    assert len(store.list("captions")) == 1
+    body_calls.clear()  # a second run: captions, CLIP choices and edits all come from cache
+    _, again = _run(run)
+    computed = {k: v for k, v in again.items() if k not in ALWAYS_RUN}
+    assert body_calls == [] and set(s for v in computed.values() for s in v) == {"Cached"}
+    assert len(store.list("captions")) == 1
 
 
 def test_filters_drop_unfaithful_images_and_top_up_keeps_the_planned_counts(first_run, body_calls):

@@ -63,7 +63,7 @@ def img2img(
     *,
     strength: float,
     steps: int = DEFAULT_SAMPLING_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | np.ndarray = DEFAULT_GUIDANCE,
     seed: int = 0,
     batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE,
     device: str = "auto",
@@ -71,7 +71,8 @@ def img2img(
     first_index: int = 0,
     progress: ProgressFn = null_progress,
 ) -> np.ndarray:
-    """SDEdit each image (uint8 ``N×H×W×3`` at the generator's resolution) towards its labels row.
+    """SDEdit each image (uint8 ``N×H×W×3`` at the generator's resolution) towards its labels row,
+    with one guidance scale for all or one per image (``guidance`` an array of length N).
 
     ``labels``: int ``N×T`` (value ``n_t`` leaves task ``t`` free, as in ``sample_images``).
     ``first_index``: image ``i`` of this call draws the noise of image ``first_index + i`` of the

@@ -107,18 +107,21 @@ def image_noise(seed: int, indices: range | list[int], shape: tuple[int, ...]) -
 
 
 @torch.no_grad()
-def _denoise(model: ConditionalUNet, x: torch.Tensor, y: torch.Tensor, scheduler, guidance: float,
+def _denoise(model: ConditionalUNet, x: torch.Tensor, y: torch.Tensor, scheduler, guidance: float | np.ndarray,
              dev: torch.device, dt: torch.dtype) -> torch.Tensor:
+    """``guidance``: one scale, or one per image (a batch of SIP edits, each at its own scale)."""
     null = model.null_labels(len(y), device=dev)
+    per_image = np.ndim(guidance) > 0
+    w = torch.as_tensor(np.asarray(guidance, np.float32), device=dev).view(-1, 1, 1, 1) if per_image else float(guidance)
     for t in scheduler.timesteps:
         tt = torch.full((len(x),), int(t), device=dev, dtype=torch.long)
         with autocast(dev, dt):
-            if guidance == 0:
+            if not per_image and w == 0:
                 pred = model(x, tt, y).float()
             else:
                 both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float()
                 pred_c, pred_u = both.chunk(2)
-                pred = pred_c + guidance * (pred_c - pred_u)
+                pred = pred_c + w * (pred_c - pred_u)
         x = scheduler.step(pred, t, x, eta=0.0).prev_sample
     return x
 
@@ -174,7 +177,7 @@ def denoise_in_batches(
     start_latents: Callable[[int, int], torch.Tensor],
     scheduler,
     *,
-    guidance: float,
+    guidance: float | np.ndarray,
     batch_size: int,
     device: str = "auto",
     dtype: str = "auto",
@@ -182,8 +185,11 @@ def denoise_in_batches(
 ) -> np.ndarray:
     """Denoise images ``[start, stop)`` from ``start_latents(start, stop)`` with ``scheduler``'s
     timesteps, batch by batch (halving the batch on out-of-memory), in eval mode; uint8 ``N×H×W×3``.
-    Shared by txt2img (:func:`sample_images`) and img2img (:mod:`porcelain.generate.img2img`)."""
+    Shared by txt2img (:func:`sample_images`) and img2img (:mod:`porcelain.generate.img2img`).
+    ``guidance``: one scale, or an array with one per image."""
     n = len(y_all)
+    if np.ndim(guidance) > 0 and len(guidance) != n:
+        raise ValueError(f"{len(guidance)} guidance scales for {n} images")
     dev = choose_device(device)
     dt = choose_dtype(dtype, dev)
     was_training = model.training
@@ -193,7 +199,8 @@ def denoise_in_batches(
     def chunk(start: int, stop: int) -> np.ndarray:
         nonlocal produced
         x = start_latents(start, stop)
-        out = to_uint8(_denoise(model, x, y_all[start:stop].to(dev), scheduler, float(guidance), dev, dt))
+        w = np.asarray(guidance, np.float64)[start:stop] if np.ndim(guidance) > 0 else float(guidance)
+        out = to_uint8(_denoise(model, x, y_all[start:stop].to(dev), scheduler, w, dev, dt))
         produced += stop - start
         progress(produced, n, {"batch_size": stop - start})
         return out

@@ -165,7 +165,7 @@ def describe_train_images(store: Store, data: dict[str, Any], cfg: SipConfig, ru
 class Sip(ImageConditioned):
     kind: ClassVar[str] = "sip"
     config: ClassVar[type[SynthesizerConfig]] = SipConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: closed-set edits batched with a guidance per image (were one call per image)
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "transformers", "open_clip_torch", "numpy")
 
     def needs_for(self, cfg: SipConfig) -> frozenset[str]:
@@ -223,18 +223,14 @@ class Sip(ImageConditioned):
             return out_a, prov, {"source": images[src], "refined": out_a}
         model = get("closed_set")._load(store, ModelRef.model_validate(ref.meta["refiner"]))
         s = cfg.sampling
-        out, prov = [], []
-        for j, i in enumerate(src):
-            r = rows[ids[i]]
-            w = scale(r)
-            out.append(img2img(model, images[[i]], labels[[i]], strength=strength, steps=s.steps, guidance=w,
-                               seed=seed, first_index=first_index + j, batch_size=1, device=runtime.device,
-                               dtype=runtime.dtype)[0])
-            prov.append({"source": ids[i], "prompt": r["prompt"], "caption": r["caption"],
-                         "similarity": r["similarity"], "guidance": round(w, 4), "strength": strength,
-                         "index": first_index + j})
-        out_a = np.stack(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
-        return out_a, prov, {"source": images[src], "refined": out_a}
+        chosen = [rows[ids[i]] for i in src]
+        w = np.array([scale(r) for r in chosen], np.float64)  # one guidance per image, in one batched call
+        out = img2img(model, images[src], labels[src], strength=strength, steps=s.steps, guidance=w, seed=seed,
+                      first_index=first_index, batch_size=s.batch_size, device=runtime.device, dtype=runtime.dtype)
+        prov = [{"source": ids[i], "prompt": r["prompt"], "caption": r["caption"], "similarity": r["similarity"],
+                 "guidance": round(float(g), 4), "strength": strength, "index": first_index + j}
+                for j, (i, r, g) in enumerate(zip(src, chosen, w))]
+        return out, prov, {"source": images[src], "refined": out}
 
     def generate(self, store: Store, ref: ModelRef, spec: ShardSpec, cfg: SipConfig, runtime: RuntimeConfig) -> Generated:
         src = source_rows(store, ref.meta["data_hash"], spec)
