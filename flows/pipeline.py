@@ -141,7 +141,8 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     summary["previous"] = watch_tasks.previous_run(series, identity, st)
     written = report(summary, st)
     watch_tasks.record_run(series, identity, data["data_hash"], written["key"], st)
-    publish(written, cfg.name, st)  # artifacts on every run, cache hits included
+    listed = data["n_quarantined"] or data.get("n_near_duplicates")
+    publish(written, cfg.name, st, data["quarantine_key"] if listed else None)  # on every run, cache hits included
     log.info("report: %s", written["uri"])
     return {"report": written, "faithfulness": faith, "data_hash": data["data_hash"], "failed_shards": failed}
 

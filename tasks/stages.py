@@ -21,7 +21,7 @@ from porcelain.config import (
     SweepConfig,
 )
 from porcelain.data.ingest import default_root, fingerprint
-from porcelain.report.publish import artifact_key
+from porcelain.report.publish import artifact_key, quarantine_rows
 from porcelain.results import ModelRef, ShardRef
 from porcelain.storage import Store
 from porcelain.synthesizers import SynthesizerConfig
@@ -170,9 +170,13 @@ def report(summary: dict[str, Any], storage: StorageConfig) -> dict[str, Any]:
 
 
 @task(name="publish-report", task_run_name="publish-report", cache_policy=NO_CACHE, retries=2)
-def publish_report(written: dict[str, Any], name: str, storage: StorageConfig) -> None:
-    """The report and its table as artifacts of this run, also when the report itself was cached."""
+def publish_report(written: dict[str, Any], name: str, storage: StorageConfig, quarantine_key: str | None = None) -> None:
+    """The report, its table and the quarantine as artifacts of this run, also when the report was cached."""
     markdown, table = published_report(_store(storage), written)
     create_markdown_artifact(markdown, key=artifact_key(name, "report"), description=written["uri"])
     if table:
         create_table_artifact(table, key=artifact_key(name, "results"), description="Test metrics per arm and task")
+    rows = quarantine_rows(_store(storage), quarantine_key)
+    if rows:
+        create_table_artifact(rows, key=artifact_key(name, "quarantine"),
+                              description=f"Rows set aside or flagged, with the reason ({quarantine_key})")

@@ -20,6 +20,21 @@ def published_report(store: Store, written: dict[str, Any]) -> tuple[str, list[d
     return inline_figures(md, figures), table
 
 
+MAX_QUARANTINE_ROWS = 500
+
+
+def quarantine_rows(store: Store, key: str | None) -> list[dict[str, str]]:
+    """The rows of a run's ``quarantine.csv`` (row, image, reason, detail; at most
+    :data:`MAX_QUARANTINE_ROWS`, the file holds them all), for a table in the UI; ``[]`` when none."""
+    import csv
+    import io
+
+    if not key or not store.exists(key):
+        return []
+    rows = list(csv.DictReader(io.StringIO(store.read_bytes(key).decode("utf-8"))))
+    return rows[:MAX_QUARANTINE_ROWS]
+
+
 def slug(text: str) -> str:
     """Lowercase letters, digits and dashes: what Prefect allows in artifact keys."""
     import re
