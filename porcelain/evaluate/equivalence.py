@@ -205,13 +205,20 @@ def equivalence_scale(
     boots: dict[str, list[float]] = {k: [] for k in keys}
     failed = 0
     joint = rs.shape[1] == ss.shape[1]
+    # A replicate depends only on which seeds it drew (as a multiset: the fits see seed means), and a
+    # few seeds allow few multisets (10 for 3 seeds): fit each one once.
+    fitted: dict[tuple, dict[str, float]] = {}
     for _ in range(n_boot):
         ri = rng.integers(0, rs.shape[1], rs.shape[1])
         si = ri if joint else rng.integers(0, ss.shape[1], ss.shape[1])
-        r_fit = fit_real_curve(rn, rs[:, ri].mean(1), p0=p_real)
-        s_fit = fit_synthetic_curve(sn, ss[:, si].mean(1), n_base,
-                                    exponent=r_fit.params[2] if r_fit.kind == "power" else 0.5, p0=p_syn)
-        rates = exchange_rates(r_fit, s_fit, n_base, m_max)
+        ri, si = np.sort(ri), np.sort(si)
+        drawn = (tuple(ri.tolist()), tuple(si.tolist()))
+        if drawn not in fitted:
+            r_fit = fit_real_curve(rn, rs[:, ri].mean(1), p0=p_real)
+            s_fit = fit_synthetic_curve(sn, ss[:, si].mean(1), n_base,
+                                        exponent=r_fit.params[2] if r_fit.kind == "power" else 0.5, p0=p_syn)
+            fitted[drawn] = exchange_rates(r_fit, s_fit, n_base, m_max)
+        rates = fitted[drawn]
         if not all(math.isfinite(v) for v in rates.values()):
             failed += 1
             continue
