@@ -139,3 +139,20 @@ def test_best_setting_per_kind_is_the_val_choice_with_its_test_verdict(tmp_path)
     # one arm per kind: nothing to choose, no section
     single = _summary(Store(str(tmp_path / "one")))
     assert "Best setting per kind" not in build_report(Store(str(tmp_path / "one")), single)["markdown"]
+
+
+def test_an_exchange_rate_the_run_cannot_pin_down_is_marked_unstable():
+    import math
+
+    from porcelain.report.build import equivalence_reading
+
+    def res(point, lo, hi, failed=0):
+        return {"synthetic_per_real": point, "interval": {"synthetic_per_real": (lo, hi)}, "n_boot": 500,
+                "n_boot_failed": failed}
+
+    assert equivalence_reading(res(1.4, 0.9, 3.9)) == "stable"
+    assert equivalence_reading(res(math.inf, 2.0, math.inf)) == "stable"  # no gain, and replicates agree it is large
+    assert "outside its bootstrap interval" in equivalence_reading(res(0.33, 0.5, 2.3))
+    assert "fitted ceiling" in equivalence_reading(res(0.0, 4.8, 19.6))  # the digits-filters case
+    assert "400 of 500" in equivalence_reading(res(1.0, 0.5, 2.0, failed=400))
+    assert "outside" in equivalence_reading(res(1.0, math.nan, math.nan))

@@ -668,20 +668,37 @@ def _equivalence_section(q: dict[str, Any], tasks: list[str], e) -> list[str]:
     if q.get("skipped"):
         return L + [f"Not measured: {e(q['skipped'])}.", ""]
     L += ["| synthesizer | task | synthetic per real (measured range) [95%] | at the base | real images gained by "
-          "the largest arm | fits |", "|---|---|---|---|---|---|"]
+          "the largest arm | fits | reading |", "|---|---|---|---|---|---|---|"]
     for syn, by_task in q["by"].items():
         for t in tasks:
             r = by_task.get(t) or {"skipped": "no runs"}
             if "skipped" in r:
-                L.append(f"| {e(syn)} | {e(t)} | not measured: {e(r['skipped'])} | | | |")
+                L.append(f"| {e(syn)} | {e(t)} | not measured: {e(r['skipped'])} | | | | |")
                 continue
             lo, hi = r["interval"]["synthetic_per_real"]
+            gained = "beyond the real curve" if math.isinf(r["real_equivalent"]) else f"{r['real_equivalent']:+.1f}"
             L.append(f"| {e(syn)} | {e(t)} | {rate(r['synthetic_per_real'])} [{rate(lo)}, {rate(hi)}] | "
-                     f"{rate(r['marginal_synthetic_per_real'])} | {r['real_equivalent']:+.1f} of {r['n_syn_max']} "
-                     f"synthetic | {r['real_curve']}/{r['synthetic_curve']} |")
+                     f"{rate(r['marginal_synthetic_per_real'])} | {gained} of {r['n_syn_max']} "
+                     f"synthetic | {r['real_curve']}/{r['synthetic_curve']} | {equivalence_reading(r)} |")
     L += ["", "∞: the synthetic images did not raise the score beyond the real base; a rate of 0 means they reached "
-          "a score the real curve never does.", ""]
+          "a score above the fitted real curve's ceiling, where no number of real images compares. *Unstable* marks "
+          "a rate this run cannot pin down: its point estimate lies outside its own bootstrap interval, or most "
+          "bootstrap refits failed; read it as not measured, and add seeds or real-fraction sizes.", ""]
     return L
+
+
+def equivalence_reading(r: dict[str, Any]) -> str:
+    """How far an exchange rate can be trusted: 'unstable' (and why) or 'stable'."""
+    point = r["synthetic_per_real"]
+    lo, hi = r["interval"]["synthetic_per_real"]
+    failed, n = r.get("n_boot_failed", 0), r.get("n_boot", 0)
+    if n and failed > n / 2:
+        return f"unstable: {failed} of {n} bootstrap refits gave no rate"
+    if point == 0.0:
+        return "unstable: above the real curve's fitted ceiling (no rate)"
+    if not lo <= point <= hi:  # (False with a NaN bound too)
+        return "unstable: the point lies outside its bootstrap interval"
+    return "stable"
 
 
 def _set_quality_section(q: dict[str, Any], tasks: list[str], e) -> list[str]:
