@@ -79,6 +79,9 @@ def test_report_gives_verdicts_and_escapes_formula_cells(tmp_path):
     out = build_report(store, _summary(store))
     md = store.read_bytes(out["report"]).decode()
     assert "| closed_set 90:10 | glaze |" in md and "| better |" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| closed_set 90:10 | glaze | +"))
+    assert row.endswith("| better | better |")  # macro-F1, then the rare classes' own corrected verdict
+    assert "Their rare classes gained (minority-class macro-F1, corrected interval above 0): glaze (closed_set 90:10)" in md
     assert "Synthetic images helped (interval above 0): glaze (closed_set 90:10), '" + EVIL + " (closed_set 90:10)" in md
     assert "| detectable |" in md and "## Training budget" in md
     assert "**no test image**" in md

@@ -101,6 +101,7 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], t
     # chance. Verdicts use Bonferroni-corrected intervals (95% for the family of comparisons).
     n_comparisons = (len(ratios) - 1) * len(tasks)
     family: dict[str, dict[str, dict]] = {r: {} for r in ratios if r != base}
+    rare: dict[str, dict[str, dict]] = {r: {} for r in ratios if r != base}
     for t, task in enumerate(tasks):
         y, c = target[:, t], num_classes[t]
         minority = minority_classes(train_counts[t])
@@ -120,7 +121,11 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], ratios: list[str], t
             if n_comparisons > 1:  # the verdict's interval, corrected for the number of comparisons
                 family[r][task] = paired_bootstrap(a_preds, b_preds, y, c, "macro_f1", minority=minority,
                                                    n_boot=n_boot, confidence=1 - 0.05 / n_comparisons)
-    return {"baseline": base, "stats": stats, "delta": delta, "family": family, "n_comparisons": n_comparisons}
+                # the rare classes' own verdict: a second family of the same comparisons, corrected alike
+                rare[r][task] = paired_bootstrap(a_preds, b_preds, y, c, "minority_macro_f1", minority=minority,
+                                                 n_boot=n_boot, confidence=1 - 0.05 / n_comparisons)
+    return {"baseline": base, "stats": stats, "delta": delta, "family": family, "rare_family": rare,
+            "n_comparisons": n_comparisons}
 
 
 def learned(runs: list[dict[str, Any]], tasks: list[str], baseline: str, target: np.ndarray,
@@ -242,12 +247,14 @@ def _short(verdict_text: str) -> str:
     return "(not compared)" if verdict_text.startswith("not compared") else f"({verdict_text})"
 
 
-def _task_verdict(agg: dict[str, Any], ratio: str, task: str) -> str:
+def _task_verdict(agg: dict[str, Any], ratio: str, task: str, metric: str = "macro_f1") -> str:
+    """The corrected verdict of one comparison on ``metric`` (``minority_macro_f1``: the rare classes)."""
     if agg["confounded"]:
         return "not compared: the runs are not comparable (see Training budget)"
     if not agg["learned"][task]["learned"]:
         return "not compared: classifier did not learn this task"
-    return verdict((agg.get("family") or {}).get(ratio, {}).get(task) or agg["delta"]["macro_f1"][ratio][task])
+    family = agg.get("family" if metric == "macro_f1" else "rare_family") or {}
+    return verdict(family.get(ratio, {}).get(task) or agg["delta"][metric][ratio][task])
 
 
 def _uncorrected(agg: dict[str, Any], ratio: str, task: str) -> str | None:
@@ -322,15 +329,22 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
                         f"{lt['chance']:.3f} for a label-blind guess (margin {cfg['sweep']['learned_margin']}), after "
                         f"{steps} optimizer steps. No verdict for this task: raise `classifier.steps`, try another "
                         "`classifier.model`, or check the labels.")
-    def where(v: str) -> list[str]:
-        return [f"{e(t)} ({', '.join(r for r in others if _task_verdict(agg, r, t) == v)})" for t in tasks
-                if any(_task_verdict(agg, r, t) == v for r in others)]
+    def where(v: str, metric: str = "macro_f1") -> list[str]:
+        return [f"{e(t)} ({', '.join(r for r in others if _task_verdict(agg, r, t, metric) == v)})" for t in tasks
+                if any(_task_verdict(agg, r, t, metric) == v for r in others)]
 
     worse, better = where("worse"), where("better")
     if worse:
         warn.append(f"**Synthetic images made these tasks worse** (interval below 0): {', '.join(worse)}.")
     if better:
         warn.append(f"Synthetic images helped (interval above 0): {', '.join(better)}.")
+    rare_worse, rare_better = where("worse", "minority_macro_f1"), where("better", "minority_macro_f1")
+    if rare_worse:
+        warn.append(f"**Their rare classes got worse** (minority-class macro-F1, corrected interval below 0): "
+                    f"{', '.join(rare_worse)}.")
+    if rare_better:
+        warn.append(f"Their rare classes gained (minority-class macro-F1, corrected interval above 0): "
+                    f"{', '.join(rare_better)}.")
     loose = [f"{e(t)} ({r}: {_uncorrected(agg, r, t)})" for r in others for t in tasks if _uncorrected(agg, r, t)]
     if loose:
         warn.append(f"Looked better or worse at 95% taken alone, but not after correcting for the "
@@ -364,13 +378,16 @@ def _markdown(summary: dict[str, Any], agg: dict[str, Any], figs: dict[str, byte
           "80% power: a difference smaller than that can hide in 'no clear difference'. The verdict uses the "
           f"interval corrected for the {agg['n_comparisons']} comparisons (Bonferroni, "
           f"{1 - 0.05 / max(1, agg['n_comparisons']):.2%} each), so that the run as a whole errs at most 5% of the time.", "",
-          "| synthesizer and ratio | task | Δ macro-F1 | Δ minority macro-F1 | detectable | verdict |",
-          "|---|---|---|---|---|---|"]
+          "| synthesizer and ratio | task | Δ macro-F1 | Δ minority macro-F1 | detectable | verdict | rare classes |",
+          "|---|---|---|---|---|---|---|"]
     for r in others:
         for t in tasks:
             d, dm = agg["delta"]["macro_f1"][r][t], agg["delta"]["minority_macro_f1"][r][t]
-            L.append(f"| {r} | {e(t)} | {_dci(d)} | {_dci(dm)} | ±{_fmt(d['mde'])} | {_task_verdict(agg, r, t)} |")
-    L += [""]
+            L.append(f"| {r} | {e(t)} | {_dci(d)} | {_dci(dm)} | ±{_fmt(d['mde'])} | {_task_verdict(agg, r, t)} | "
+                     f"{_task_verdict(agg, r, t, 'minority_macro_f1')} |")
+    L += ["", "*Rare classes*: the same verdict on minority-class macro-F1 (the classes at or below the median "
+          "train count), its interval corrected alike for the run's comparisons; a second family of tests, read "
+          "beside the first, not instead of it.", ""]
 
     L += ["## Training budget", "",
           "Every run trains the same number of optimizer steps whatever its ratio, with class weights from the "
