@@ -99,12 +99,12 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     if failed:
         log.error("%d generation shards failed after retries: %s", len(failed), failed)
         raise RuntimeError(f"{len(failed)} generation shards failed; finished shards are kept, rerun to resume")
-    for label, done in shards.items():  # judged before any filter: the generator's own faithfulness
-        faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
     for syn in cfg.synthesizers:  # each synthesizer's chain: its own `filters:` or the run's
         if syn.label in shards and cfg.filters_for(syn).enabled:
             shards[syn.label] = _filtered(syn, models[syn.label], shards[syn.label], data, ref, plan, cfg,
                                           filter_, top_up_plan, generate)
+    for label, done in shards.items():  # judged as the sweep reads them: after the filters, the kept images
+        faith[label] = faithfulness(data, done, ref, cfg.faithfulness, label, st, rt)
 
     calls = []
     base = cfg.sweep.baseline

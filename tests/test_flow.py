@@ -404,6 +404,8 @@ def test_filters_drop_unfaithful_images_and_top_up_keeps_the_planned_counts(firs
     need = sum(n for _, n in result_plan(store, result))
     assert made > kept and "faithfulness:" in section
     assert made > need  # top-up made more than the plan asked for, to refill what the filter dropped
+    faith = result["faithfulness"]["closed_set"]  # judged on what the sweep trains on: the kept images
+    assert faith["kept_only"] and faith["n_images"] == kept and "images its filters kept" in md
     runs = [store.read_json(k) for k in store.list("runs") if k.endswith("metrics.json")]
     mixed = [r for r in runs if r["n_synthetic"] and r["seed"] == 0]
     plan_n = round(mixed[0]["n_real"] * 0.2 / 0.8) if mixed else None

@@ -113,8 +113,9 @@ def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], 
     shards = [s if isinstance(s, dict) else s.model_dump() for s in shards]
     tasks = data["tasks"]
     have: Counter = Counter()
-    for ref in shards:
-        have[tuple(ref["combo"])] += ref["n"]
+    for ref in shards:  # a filtered shard counts the images its chain kept: those are judged
+        have[tuple(ref["combo"])] += ref["n"] if ref.get("kept") is None else len(ref["kept"])
+    kept_only = any(ref.get("kept") is not None for ref in shards)
     size = reference["image_size"]
     syn_x, syn_y = load_synthetic(store, shards, dict(have), size)
     judge = {t: {k: reference["test"][t][k] for k in ("balanced_accuracy", "accuracy", "usable")} for t in tasks}
@@ -145,6 +146,7 @@ def measure_faithfulness(store: Store, data: dict[str, Any], shards: list[Any], 
         load_split(store, data["data_hash"], size, data["n_shards"], "val")
     return {
         "n_images": int(len(syn_x)),
+        "kept_only": kept_only,  # judged after the synthesizer's filters: the images the sweep trains on
         "faithfulness": faith,
         "by_rarity": by_rarity,
         "judge": judge,

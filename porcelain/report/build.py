@@ -590,7 +590,8 @@ def _faithfulness_section(faith: dict[str, Any], tasks: list[str], e) -> list[st
     ref = faith["reference"]
     L = ["### Label faithfulness", "",
          f"The reference classifier (`{e(ref['architecture'])}`, trained on real {ref['trained_on']} images only, "
-         f"selected at step {ref['selected_step']}) classifies the {faith['n_images']} generated images; "
+         f"selected at step {ref['selected_step']}) classifies the {faith['n_images']} generated images"
+         f"{' its filters kept (those the sweep trains on)' if faith.get('kept_only') else ''}; "
          "faithfulness is the share assigned to the value they were generated for [95% Wilson interval]. "
          f"It counts only where the reference itself is accurate: balanced accuracy on real test images at "
          f"least {ref['floor']:.0%}. Target: {faith['threshold']:.0%}.", "",
