@@ -408,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'unchanged' if same_data else 'changed'} ({r_cold['data_hash'][:10]} → {r_shard['data_hash'][:10]}); "
           f"generator {'retrained (a second generators/*/ref.json)' if retrained else 'reused'}.")
     if not same_data:
-        print("  Every stage downstream of ingest is keyed by the data hash (packed shards are named by it and by "
-              "the shard count, and records are assigned to shards in sha256 order), so one new shard of images "
-              "reruns packing, the reference classifier, generator training, generation and the sweep, not one "
-              "shard's worth.")
+        print("  Packs are keyed by their own images, so only the new rows' packs are decoded, and the reference "
+              "classifier is keyed by the splits it reads (val), so its body finds it stored. But the new rows are "
+              "train images: the generator learns from them, so it retrains, its shards are drawn again, and every "
+              "sweep run trains on the new train split. A new shard of train images costs a retraining, not one "
+              "shard's worth; only images that land in val or test could be cheaper (the reference retrains on val).")
     if r_thr:
         print(f"- generation rerun (--refresh shards), threads: bodies {_bodies(r_thr)}; states {_states(r_thr)}")
     if r_dask:
