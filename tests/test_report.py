@@ -159,3 +159,17 @@ def test_an_exchange_rate_the_run_cannot_pin_down_is_marked_unstable():
     assert "fitted ceiling" in equivalence_reading(res(0.0, 4.8, 19.6))  # the digits-filters case
     assert "400 of 500" in equivalence_reading(res(1.0, 0.5, 2.0, failed=400))
     assert "outside" in equivalence_reading(res(1.0, math.nan, math.nan))
+
+
+def test_the_equivalence_table_never_prints_a_ratio_that_divided_by_a_flat_curve():
+    import math
+
+    from porcelain.report.build import _cell, _equivalence_section
+
+    flat = {"synthetic_per_real": math.inf, "marginal_synthetic_per_real": 1.3779720914845274e16,
+            "real_equivalent": -9.5, "n_syn_max": 408, "interval": {"synthetic_per_real": (math.nan, math.nan)},
+            "n_boot": 500, "n_boot_failed": 500, "real_curve": "power", "synthetic_curve": "power"}
+    q = {"metric": "macro_f1", "real_sizes": [29, 55], "n_base": 102, "by": {"closed_set": {"digit": flat}}}
+    row = next(ln for ln in _equivalence_section(q, ["digit"], _cell) if ln.startswith("| closed_set | digit"))
+    assert "∞ (no gain) [n/a, n/a] | > 10⁴ (no measurable gain) | -9.5 of 408" in row
+    assert "unstable: 500 of 500 bootstrap refits gave no rate" in row and "13779720914845274" not in row

@@ -675,6 +675,8 @@ def _adaptive_section(adaptive: dict[str, Any], tasks: list[str], e) -> list[str
 
 def _equivalence_section(q: dict[str, Any], tasks: list[str], e) -> list[str]:
     def rate(v: float) -> str:
+        if v > 1e4 and not math.isinf(v):  # a flat synthetic curve divides by ~0: no measurable gain
+            return "> 10⁴ (no measurable gain)"
         return "∞ (no gain)" if math.isinf(v) else "n/a" if math.isnan(v) else f"{v:.2f}"
 
     L = ["## How many synthetic images are worth one real image", "",
