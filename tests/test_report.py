@@ -173,3 +173,11 @@ def test_the_equivalence_table_never_prints_a_ratio_that_divided_by_a_flat_curve
     row = next(ln for ln in _equivalence_section(q, ["digit"], _cell) if ln.startswith("| closed_set | digit"))
     assert "∞ (no gain) [n/a, n/a] | > 10⁴ (no measurable gain) | -9.5 of 408" in row
     assert "unstable: 500 of 500 bootstrap refits gave no rate" in row and "13779720914845274" not in row
+
+
+def test_a_task_the_real_only_run_already_solves_has_no_room_to_gain(tmp_path):
+    store = Store(str(tmp_path))
+    md = build_report(store, _summary(store, acc=(1.01, 1.01)))["markdown"]  # every test image right, both arms
+    row = next(ln for ln in md.splitlines() if ln.startswith("| closed_set 90:10 | glaze | +"))
+    assert row.endswith("| no room to gain (real-only at 1.000) | no room to gain (real-only at 1.000) |")
+    assert "no clear difference" not in row

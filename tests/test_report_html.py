@@ -394,9 +394,9 @@ def test_report_html_opens_in_headless_chromium_with_every_figure_and_the_verdic
     # the verdict and its table are there, one row per synthesizer-ratio and task, each with a verdict
     assert dom["verdict_items"] and any("Synthetic images helped" in x for x in dom["verdict_items"])
     assert dom["header"] == ["synthesizer and ratio", "task", "Δ macro-F1", "Δ minority macro-F1", "detectable",
-                             "verdict"]
+                             "verdict", "rare classes"]
     assert [r[:2] for r in dom["rows"]] == [["closed_set 90:10", t] for t in TASKS]
-    assert all(r[5] for r in dom["rows"]) and dom["rows"][0][5] == "better"
+    assert all(r[5] and r[6] for r in dom["rows"]) and dom["rows"][0][5] == "better"
     # hostile labels are text on the page, never markup
     assert dom["scripts"] == 0 and dom["handlers"] == 0 and dom["title"] == "porcelain report"
     assert dom["h1"] == "porcelain report — html <check>"

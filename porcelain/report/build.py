@@ -247,6 +247,10 @@ def _short(verdict_text: str) -> str:
     return "(not compared)" if verdict_text.startswith("not compared") else f"({verdict_text})"
 
 
+CEILING = 0.999
+"""A real-only test score at or above this leaves synthetic images nothing to gain on that task."""
+
+
 def _task_verdict(agg: dict[str, Any], ratio: str, task: str, metric: str = "macro_f1") -> str:
     """The corrected verdict of one comparison on ``metric`` (``minority_macro_f1``: the rare classes)."""
     if agg["confounded"]:
@@ -254,7 +258,11 @@ def _task_verdict(agg: dict[str, Any], ratio: str, task: str, metric: str = "mac
     if not agg["learned"][task]["learned"]:
         return "not compared: classifier did not learn this task"
     family = agg.get("family" if metric == "macro_f1" else "rare_family") or {}
-    return verdict(family.get(ratio, {}).get(task) or agg["delta"][metric][ratio][task])
+    v = verdict(family.get(ratio, {}).get(task) or agg["delta"][metric][ratio][task])
+    base = agg["stats"][metric][agg["baseline"]][task][0]
+    if v == "no clear difference" and base >= CEILING:  # nothing left to gain; a loss would still show
+        return f"no room to gain (real-only at {base:.3f})"
+    return v
 
 
 def _uncorrected(agg: dict[str, Any], ratio: str, task: str) -> str | None:
