@@ -139,6 +139,10 @@ def test_best_setting_per_kind_is_the_val_choice_with_its_test_verdict(tmp_path)
     rows = [ln for ln in section.splitlines() if ln.startswith("| closed_set |")]
     assert len(rows) == 1 and "| closed_set 50:50 | 0.700 (0.600) | closed_set 90:10 0.550 |" in rows[0]
     assert "| glaze |" in rows[0] and "no clear difference" in rows[0]  # 0.62 vs 0.60: not told apart
+    for r in summary["runs"]:  # every arm below real-only on val: the choice says to keep real-only
+        r["best_val_macro_f1"] = {"100:0": 0.8, "90:10": 0.55, "50:50": 0.7}[r["ratio"]]
+    md = build_report(store, summary)["markdown"]
+    assert "| closed_set 50:50 (below real-only on val: keep real-only) | 0.700 (0.800) |" in md
     # one arm per kind: nothing to choose, no section
     single = _summary(Store(str(tmp_path / "one")))
     assert "Best setting per kind" not in build_report(Store(str(tmp_path / "one")), single)["markdown"]

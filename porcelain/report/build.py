@@ -656,8 +656,10 @@ def _best_on_val_section(summary: dict[str, Any], agg: dict[str, Any], tasks: li
         arm = b["arm"]
         base = "n/a" if b["baseline_val_macro_f1"] is None else f"{b['baseline_val_macro_f1']:.3f}"
         rest = ", ".join(f"{e(a)} {v:.3f}" for a, v in b["candidates"].items() if a != arm)
+        behind = b["baseline_val_macro_f1"] is not None and b["val_macro_f1"] < b["baseline_val_macro_f1"]
+        chosen = f"{e(arm)}{' (below real-only on val: keep real-only)' if behind else ''}"
         for i, t in enumerate(tasks):
-            head = (f"| {e(kind)} | {e(arm)} | {b['val_macro_f1']:.3f} ({base}) | {rest} " if i == 0 else "| | | | ")
+            head = (f"| {e(kind)} | {chosen} | {b['val_macro_f1']:.3f} ({base}) | {rest} " if i == 0 else "| | | | ")
             d = agg["delta"]["macro_f1"].get(arm, {}).get(t)
             L.append(head + f"| {e(t)} | {'n/a' if d is None else _dci(d)} | "
                      f"{'n/a' if d is None else _task_verdict(agg, arm, t)} |")
