@@ -76,7 +76,7 @@ def test_crash_in_one_shard_never_loses_the_others(tiny_run, body_calls, monkeyp
 
 
 def test_sigkill_during_generation_loses_nothing(tiny_run, tmp_path, monkeypatch):
-    import porcelain.synthesizers.closed_set as shards_mod
+    import porcelain.generate.sampling as sampling  # closed_set imports sample_images from it at each shard
 
     cfg = tiny_config(tiny_run[0]["storage"]["url"], generation={"guidance": 2.0, "steps": 12, "shard_size": 4})
     store = Store(cfg["storage"]["url"])
@@ -96,8 +96,8 @@ def test_sigkill_during_generation_loses_nothing(tiny_run, tmp_path, monkeypatch
     assert verify_store(store) == []  # no partial or corrupt object is visible
 
     calls = []
-    real = shards_mod.sample_images
-    monkeypatch.setattr(shards_mod, "sample_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sampling.sample_images
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_flow(cfg)
     after = _shard_manifests(store) - before
     assert done <= after
