@@ -34,7 +34,7 @@ from porcelain.evaluate.fid import (
 from porcelain.filter.chain import FilterResult, run_chain, top_up_plan
 from porcelain.filter.clip_score import clip_score_filter
 from porcelain.filter.faithfulness import faithfulness_filter
-from porcelain.filter.memorisation import memorisation_filter
+from porcelain.filter.memorisation import calibrate, memorisation_filter
 from porcelain.filter.texture import glcm_features, texture_filter, texture_table
 from porcelain.models.classifier import MultiTaskClassifier
 
@@ -79,6 +79,15 @@ def test_exact_copy_is_flagged_a_different_image_is_not():
     nudged = np.clip(train[7:8].astype(int) + 2, 0, 255).astype(np.uint8)
     r2 = memorisation_filter(np.concatenate([nudged, other]), train, test)
     assert r2.flagged.tolist() == [True, False] and r2.feature_distance is None
+    # thresholds calibrated once on the real images give the same verdicts and distances, with no test images
+    cal = calibrate(train, test, feats(train), feats(test), q=1.0)
+    r3 = memorisation_filter(generated, train, None, feats(generated), feats(train), q=1.0, calibration=cal)
+    assert (cal.pixel, cal.feature) == (r.pixel_threshold, r.feature_threshold)
+    assert r3.flagged.tolist() == r.flagged.tolist() and np.array_equal(r3.feature_distance, r.feature_distance)
+    with pytest.raises(ValueError, match="q = 1.0"):
+        memorisation_filter(generated, train, calibration=cal, q=5.0)
+    with pytest.raises(ValueError, match="no feature threshold"):
+        memorisation_filter(generated, train, None, feats(generated), feats(train), calibration=calibrate(train, test))
 
 
 # ------------------------------------------------------------------------------------------ CLIP
@@ -343,6 +352,15 @@ def test_filter_stage_chains_texture_and_clip_score_and_the_report_shows_each_st
     assert doc["filter"][0] == "memorisation" and "feature distance 0.0000" in doc["reasons"][0]
     mem = doc["scores"]["memorisation"]
     assert mem["values"]["feature_distance"][0] < 1e-6 < mem["thresholds"]["feature_distance"][0]
+    # what the memorisation step needs from the real images (thresholds, train features) is stored
+    # once and shared by every shard: a second shard adds no object under memorisation/, and its
+    # thresholds are the real test-to-train percentiles, as the filter computes them unaided
+    other = _stored_shard(store, np.concatenate([real[4:5], red[3:]]), [0])
+    doc2 = store.read_json(filter_shard(store, data, other, card, full, runtime).filter_key)
+    assert len(store.list("memorisation")) == 1 and doc2["filter"][0] == "memorisation"
+    assert doc2["scores"]["memorisation"]["thresholds"] == mem["thresholds"]
+    train, test = real[0::2], real[1::2]  # the stored data's split alternates train, test
+    assert mem["thresholds"]["pixel_distance"][0] == pytest.approx(memorisation_filter(red, train, test).pixel_threshold)
 
     # the report's part: pass rate per step, per task value and per combination; histograms; the grid
     summary = filter_summary(store, [ref], {(0,): 6}, data["classes"], data["tasks"])

@@ -85,32 +85,64 @@ class MemorisationResult:
         return FilterResult(~self.flagged, tuple(reasons))
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The thresholds of each space, from real test-to-train distances (``feature`` None: pixels only)."""
+
+    pixel: float
+    feature: float | None
+    q: float
+
+
+def calibrate(train: np.ndarray, test: np.ndarray, train_features: np.ndarray | None = None,
+              test_features: np.ndarray | None = None, q: float = 1.0) -> Calibration:
+    """The ``q``-th percentile of real test images' nearest-train distances, in pixels and (with
+    features for both sets) in the feature space. It depends on the real data only: compute it once
+    and pass it to :func:`memorisation_filter` for every batch of generated images."""
+    if (train_features is None) != (test_features is None):
+        raise ValueError("give features for both train and test images, or for neither")
+    t_pix, _ = pixel_distances(test, train)
+    f_thr = None
+    if train_features is not None:
+        t_feat, _ = nearest_train(test_features, train_features)  # type: ignore[arg-type]
+        f_thr = calibrate_threshold(t_feat, q)
+    return Calibration(calibrate_threshold(t_pix, q), f_thr, float(q))
+
+
 def memorisation_filter(
     generated: np.ndarray,
     train: np.ndarray,
-    test: np.ndarray,
+    test: np.ndarray | None = None,
     generated_features: np.ndarray | None = None,
     train_features: np.ndarray | None = None,
     test_features: np.ndarray | None = None,
     q: float = 1.0,
+    calibration: Calibration | None = None,
 ) -> MemorisationResult:
     """Flag near copies of train images among ``generated`` (uint8 N×H×W×C, same size as ``train``/``test``).
 
     Feature arrays (N×D, e.g. the reference classifier's pooled features) are optional but must be
     given for all three sets or none. ``q``: percentile of real test-to-train distances used as threshold.
+    With ``calibration`` (from :func:`calibrate`, the same ``q``), ``test`` and ``test_features`` are
+    not needed and the thresholds are not recomputed.
     """
-    feats = (generated_features, train_features, test_features)
-    if any(f is None for f in feats) and not all(f is None for f in feats):
+    if calibration is None:
+        if test is None:
+            raise ValueError("give the real test images, or a calibration computed from them")
+        calibration = calibrate(train, test, train_features, test_features, q)
+    elif calibration.q != float(q):
+        raise ValueError(f"the calibration is for q = {calibration.q}, the filter for q = {q}")
+    if (generated_features is None) != (train_features is None):
         raise ValueError("give features for generated, train and test images, or for none")
+    if generated_features is not None and calibration.feature is None:
+        raise ValueError("features given, but the calibration has no feature threshold")
     g_pix, g_idx = pixel_distances(generated, train)
-    t_pix, _ = pixel_distances(test, train)
-    pix_thr = calibrate_threshold(t_pix, q)
+    pix_thr = calibration.pixel
     flagged = (g_pix <= pix_thr) | (g_pix == 0)
     f_dist = f_idx = None
     f_thr = None
     if generated_features is not None:
         f_dist, f_idx = nearest_train(generated_features, train_features)  # type: ignore[arg-type]
-        t_feat, _ = nearest_train(test_features, train_features)  # type: ignore[arg-type]
-        f_thr = calibrate_threshold(t_feat, q)
+        f_thr = calibration.feature
         flagged |= (f_dist <= f_thr) | (f_dist == 0)
     return MemorisationResult(flagged, g_pix, g_idx, pix_thr, f_dist, f_idx, f_thr, float(q))

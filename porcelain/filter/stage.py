@@ -12,7 +12,8 @@ shard reference that comes back lists the kept images, which is all the sweep re
 
 All images, generated and real, are judged at the reference classifier's image size. The real train
 images' CLIP scores with their own label phrases are computed once per (data, CLIP weights,
-vocabulary, size) and stored under ``clipscores/``.
+vocabulary, size) and stored under ``clipscores/``; the memorisation thresholds (real test-to-train
+distances) and the real train features are stored once under ``memorisation/``.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def _verdicts(store, data, shard, reference, cfg, runtime, load_reference, predi
         steps.append(("faithfulness", _faithfulness_step(x, combo, tasks, cfg, runtime, reference_model(),
                                                          predict_logits, scores)))
     if cfg.memorisation is not None:
-        steps.append(("memorisation", _memorisation_step(x, cfg, runtime, split, reference_model, scores)))
+        steps.append(("memorisation", _memorisation_step(x, store, data, reference, cfg, split, reference_model,
+                                                         scores)))
     if cfg.texture is not None:
         steps.append(("texture", _texture_step(x, combo, data, cfg, split("train"), scores)))
     if cfg.clip_score is not None:
@@ -156,19 +158,58 @@ def _faithfulness_step(x, combo, tasks, cfg: FilterConfig, runtime, model, predi
     return step
 
 
-def _memorisation_step(x, cfg: FilterConfig, runtime, split, reference_model, scores) -> FilterFn:
+def real_memorisation(store: Store, data: dict[str, Any], reference: dict[str, Any], cfg: FilterConfig, size: int,
+                      split, reference_model) -> dict[str, Any]:
+    """What the memorisation filter needs from the real images, which every shard shares: the
+    thresholds (real test-to-train distances at ``cfg.memorisation``) and, in ``pixels+features``,
+    the train images' features. Stored once per (data, image size, q, space, reference classifier
+    for features) under ``memorisation/`` (safetensors), so a shard pays for its own images only.
+    ``{"calibration": Calibration, "train_features": array or None}``."""
+    from safetensors.numpy import load as st_load
+    from safetensors.numpy import save as st_save
+
+    from porcelain.filter.memorisation import Calibration, calibrate
+    from porcelain.hashing import canonical_safetensors
+
+    features = cfg.memorisation_space == "pixels+features"
+    key = "memorisation/" + stable_hash({"data": data["data_hash"], "size": size, "q": cfg.memorisation,
+                                         "space": cfg.memorisation_space,
+                                         "reference": reference["weights_sha256"] if features else None,
+                                         "stage": stage_identity("filters")}, 24) + ".safetensors"
+    with store.lock(key):
+        if not store.exists(key):
+            (train, _), (test, _) = split("train"), split("test")
+            feats: tuple = (None, None)
+            if features:
+                from porcelain.evaluate.fid import ClassifierFeatures, extract_features
+
+                ex = ClassifierFeatures(reference_model())
+                feats = (extract_features(ex, train), extract_features(ex, test))
+            cal = calibrate(train, test, *feats, q=cfg.memorisation)
+            arrays = {"pixel_threshold": np.asarray([cal.pixel], np.float64)}
+            if features:
+                arrays |= {"feature_threshold": np.asarray([cal.feature], np.float64), "train_features": feats[0]}
+            store.write_bytes(key, canonical_safetensors(st_save(arrays)))
+    got = st_load(store.read_bytes(key))
+    cal = Calibration(float(got["pixel_threshold"][0]),
+                      float(got["feature_threshold"][0]) if "feature_threshold" in got else None, float(cfg.memorisation))
+    return {"calibration": cal, "train_features": got.get("train_features")}
+
+
+def _memorisation_step(x, store: Store, data, reference, cfg: FilterConfig, split, reference_model,
+                       scores) -> FilterFn:
     series = ("pixel_distance",) + (("feature_distance",) if cfg.memorisation_space == "pixels+features" else ())
     rec = _record(scores, "memorisation", len(x), series)
 
     def step(idx: np.ndarray) -> FilterResult:
-        (train, _), (test, _) = split("train"), split("test")
+        train, _ = split("train")
+        real = real_memorisation(store, data, reference, cfg, int(x.shape[1]), split, reference_model)
         feats: tuple = (None, None, None)
         if cfg.memorisation_space == "pixels+features":
             from porcelain.evaluate.fid import ClassifierFeatures, extract_features
 
-            ex = ClassifierFeatures(reference_model())
-            feats = tuple(extract_features(ex, a) for a in (x[idx], train, test))
-        res = memorisation_filter(x[idx], train, test, *feats, q=cfg.memorisation)
+            feats = (extract_features(ClassifierFeatures(reference_model()), x[idx]), real["train_features"], None)
+        res = memorisation_filter(x[idx], train, None, *feats, q=cfg.memorisation, calibration=real["calibration"])
         rec["thresholds"]["pixel_distance"] = [res.pixel_threshold]
         if res.feature_threshold is not None:
             rec["thresholds"]["feature_distance"] = [res.feature_threshold]
