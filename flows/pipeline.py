@@ -170,15 +170,18 @@ def _filtered(syn: Any, model: Any, done: list[Any], data: dict[str, Any], ref: 
 
 def _submit(task: Any, calls: list[tuple], workers: int, *, progress: str | None = None, stage: str | None = None,
             runtime: Any = None) -> list[Any]:
-    """Submit ``task`` once per argument tuple with at most ``workers`` runs in flight (oldest first),
-    and wait for all of them.
+    """Submit ``task`` once per argument tuple with at most ``workers`` runs in flight, and wait for all
+    of them; the futures come back in the order of ``calls``.
 
     The limit is applied here, in the flow, rather than by the flow's task runner, so that it holds
     however the flow is started (CLI, a served deployment that loads it from its entrypoint, tests).
-    ``progress`` names a progress artifact updated as runs finish; ``stage`` lets the engine annotate
-    the runs (on Dask, one GPU per generation shard).
+    A slot frees when *any* run finishes (a done callback), so a long run does not hold back the
+    short ones behind it, as a plain thread pool would not. ``progress`` names a progress artifact
+    updated as runs finish (from the flow's thread); ``stage`` lets the engine annotate the runs (on
+    Dask, one GPU per generation shard).
     """
     import contextlib
+    import threading
 
     annotate = contextlib.nullcontext()
     if stage and runtime is not None and getattr(runtime, "engine", "threads") != "threads":
@@ -187,23 +190,36 @@ def _submit(task: Any, calls: list[tuple], workers: int, *, progress: str | None
         annotate = engine.annotate(runtime, stage)
     bar = create_progress_artifact(0.0, key=_slug(progress), description=f"{progress}: 0/{len(calls)}") \
         if progress and calls else None
+    slots = threading.Semaphore(max(1, workers))
+    lock = threading.Lock()
+    finished = [0]
+    shown = [0]
+
+    def free(_future: Any) -> None:
+        with lock:
+            finished[0] += 1
+        slots.release()
+
+    def show() -> None:
+        with lock:
+            done = finished[0]
+        if bar is not None and done > shown[0]:
+            update_progress_artifact(bar, 100.0 * done / len(calls), description=f"{progress}: {done}/{len(calls)}")
+            shown[0] = done
+
     futures: list[Any] = []
-    finished = 0
-
-    def advance(upto: int) -> None:
-        nonlocal finished
-        for f in futures[finished:upto]:
-            f.wait()
-        if bar is not None and upto > finished:
-            update_progress_artifact(bar, 100.0 * upto / len(calls), description=f"{progress}: {upto}/{len(calls)}")
-        finished = max(finished, upto)
-
     with annotate:
         for args in calls:
-            if len(futures) >= workers:
-                advance(len(futures) - workers + 1)
-            futures.append(task.submit(*args))
-    advance(len(futures))
+            slots.acquire()
+            show()
+            future = task.submit(*args)
+            future.add_done_callback(free)
+            futures.append(future)
+    for future in futures:
+        future.wait()
+    with lock:
+        finished[0] = len(futures)  # every run has ended, whether or not its callback has run yet
+    show()
     return futures
 
 

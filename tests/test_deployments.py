@@ -11,38 +11,68 @@ from flows.pipeline import _submit
 
 
 class _FakeFuture:
-    def __init__(self, thread):
-        self.thread = thread
+    """A future on a thread, calling its done callbacks when the body ends (as Prefect's futures do)."""
+
+    def __init__(self, body):
+        self.callbacks, self.done, self.lock = [], False, threading.Lock()
+        self.thread = threading.Thread(target=self._run, args=(body,))
+        self.thread.start()
+
+    def _run(self, body):
+        body()
+        with self.lock:
+            self.done = True
+            callbacks = list(self.callbacks)
+        for fn in callbacks:
+            fn(self)
+
+    def add_done_callback(self, fn):
+        with self.lock:
+            if not self.done:
+                self.callbacks.append(fn)
+                return
+        fn(self)
 
     def wait(self):
         self.thread.join()
 
 
 class _FakeTask:
-    def __init__(self):
+    def __init__(self, durations=None):
         self.running, self.peak, self.lock = 0, 0, threading.Lock()
+        self.durations, self.started, self.began, self.ended = list(durations or []), [], {}, {}
 
-    def _body(self):
+    def _body(self, i):
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
-        time.sleep(0.02)
+            self.started.append(i)
+            self.began[i] = time.monotonic()
+        time.sleep(self.durations[i] if i < len(self.durations) else 0.02)
         with self.lock:
             self.running -= 1
+            self.ended[i] = time.monotonic()
 
     def submit(self, *args):
-        t = threading.Thread(target=self._body)
-        t.start()
-        return _FakeFuture(t)
+        return _FakeFuture(lambda i=args[0] if args else 0: self._body(i))
 
 
 def test_the_flow_keeps_at_most_runtime_workers_tasks_in_flight():
     for workers in (1, 3):
         task = _FakeTask()
-        futures = _submit(task, [()] * 10, workers)
-        for f in futures:
-            f.wait()
+        futures = _submit(task, [(i,) for i in range(10)], workers)
+        assert all(not f.thread.is_alive() for f in futures)  # _submit returns when every run has ended
         assert len(futures) == 10 and task.peak == workers
+
+
+def test_a_long_run_does_not_hold_back_the_short_ones_behind_it():
+    """Two slots, a 1.5 s run first and eight short ones: the short ones go through the free slot while
+    the long one runs (waiting for the oldest run first would start the third only after 1.5 s)."""
+    task = _FakeTask([1.5] + [0.02] * 8)
+    futures = _submit(task, [(i,) for i in range(9)], 2)
+    assert task.peak == 2 and [f.thread.is_alive() for f in futures] == [False] * 9
+    assert task.began[8] < task.ended[0]  # the last short run started while the long one still ran
+    assert task.started == list(range(9))  # started in the order of the calls
 
 
 def _museum(tmp_path, **data):
