@@ -19,10 +19,20 @@ above are all that is needed. A backbone whose last feature map is 1×1 (a strid
 32 px image) gives maps without spatial information; prefer a backbone with a smaller total stride.
 
 **Spectral residual** (Hou & Zhang, CVPR 2007), a cheap saliency that needs no classifier: the
-grey image is resized to ``64×64``; ``L = log(|FFT| + eps)``, the residual ``R = L - mean3×3(L)``;
-the saliency is ``|IFFT(exp(R + i·phase))|²``, blurred with a Gaussian (``sigma`` in pixels of the
-64 px working size; OpenCV's implementation uses a 5×5 kernel, close to ``sigma`` ≈ 2), resized
-back to ``H×W`` and min-max normalised. A flat image (no contrast) gives zeros.
+grey image is resized to ``64×64`` and mirrored to ``128×128`` (see below); ``L = log(|FFT| + eps)``,
+the residual ``R = L - mean3×3(L)``; the saliency is ``|IFFT(exp(R + i·phase))|²``, blurred with a
+Gaussian of ``sigma`` = 8 pixels of the 64 px working size (the paper's σ; the authors' MATLAB
+snippet uses 2.5), cropped back to the image, resized to ``H×W`` and min-max normalised. A flat
+image (no contrast) gives zeros.
+
+The FFT treats the image as periodic: an object that touches the border (a digit scan filling its
+frame, a vessel cut by the top edge) makes a jump between opposite edges that the residual takes
+for the most salient thing in the image. Without the mirror, on the digits scans the Otsu mask of
+the map covered 6% of the image and 9% of the strokes, mostly a band at the top and bottom edge,
+and SGD-Mix with those masks pasted its sources into barely covered targets (70% of labels
+drifted at S = 0.3). Mirroring makes the image periodic and continuous at its edges; with σ = 8
+the masks cover 58% of the digits' strokes (precision 0.53) and 78% of the sample's vessels
+(precision 0.68; was 24% at 0.41): ``benchmarks/saliency_speed.py``.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ __all__ = ["SR_EPS", "SR_SIZE", "SR_SIGMA", "gradcam_maps", "spectral_residual_m
 
 SR_SIZE = 64
 """Working size of the spectral residual (Hou & Zhang resize to 64 px)."""
-SR_SIGMA = 2.5
-"""Gaussian blur of the spectral-residual map, in pixels of the working size."""
+SR_SIGMA = 8.0
+"""Gaussian blur of the spectral-residual map, in pixels of the working size (Hou & Zhang's σ = 8)."""
 SR_EPS = 1e-2
 """Floor added to the amplitude spectrum (grey values in [0, 1]) before the log. Synthetic images
 (a square on a flat background) have exact spectral zeros whose ``log`` would dominate the residual
@@ -146,13 +156,17 @@ def spectral_residual_maps(images: np.ndarray, *, size: int = SR_SIZE, sigma: fl
     small = F.interpolate(grey[:, None], size=(size, size), mode="bilinear", align_corners=False,
                           antialias=(h > size or w > size))[:, 0].double().numpy()
     flat_image = np.ptp(small.reshape(n, -1), axis=1) < 1e-6
-    spec = np.fft.fft2(small)
+    # mirrored to 2size × 2size: periodic and continuous at the image's edges (no wrap-around jump)
+    wide = np.concatenate([small, small[:, ::-1]], axis=1)
+    wide = np.concatenate([wide, wide[:, :, ::-1]], axis=2)
+    m = 2 * size
+    spec = np.fft.fft2(wide)
     log_amp = np.log(np.abs(spec) + SR_EPS)
     phase = np.angle(spec)
     p = np.pad(log_amp, ((0, 0), (1, 1), (1, 1)), mode="wrap")  # the spectrum is periodic
-    mean3 = sum(p[:, i:i + size, j:j + size] for i in range(3) for j in range(3)) / 9.0
+    mean3 = sum(p[:, i:i + m, j:j + m] for i in range(3) for j in range(3)) / 9.0
     sal = np.abs(np.fft.ifft2(np.exp(log_amp - mean3 + 1j * phase))) ** 2
-    sal = _blur(sal, sigma)
+    sal = np.ascontiguousarray(_blur(sal, sigma)[:, :size, :size])  # blurred on the mirror, so edges see both sides
     big = F.interpolate(torch.from_numpy(sal)[:, None], size=(h, w), mode="bilinear",
                         align_corners=False)[:, 0].numpy()
     flat = big.reshape(n, -1)

@@ -84,12 +84,17 @@ def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
+SALIENCY_VERSIONS = {"gradcam": 1, "spectral": 2}
+"""Bumped when a saliency method's maps change for the same images (spectral 2: mirrored, σ = 8)."""
+
+
 def saliency_maps(store: Store, data: dict[str, Any], cfg: SgdMixConfig, reference: dict[str, Any] | None,
                   runtime: RuntimeConfig) -> tuple[FileRef, float]:
     """The train images' saliency maps at the refiner's resolution, stored once; (file, seconds)."""
     size = cfg.resolution
     ident = {"data": data["data_hash"], "method": cfg.saliency, "task": cfg.saliency_task, "size": size,
-             "reference": reference["weights_sha256"] if cfg.saliency == "gradcam" else None}
+             "reference": reference["weights_sha256"] if cfg.saliency == "gradcam" else None,
+             "algorithm": SALIENCY_VERSIONS[cfg.saliency]}
     key = f"saliency/{stable_hash(ident, 24)}.safetensors"
     with store.lock(key):
         if store.exists(key):
@@ -126,7 +131,7 @@ def saliency_maps(store: Store, data: dict[str, Any], cfg: SgdMixConfig, referen
 class SgdMix(ImageConditioned):
     kind: ClassVar[str] = "sgd_mix"
     config: ClassVar[type[SynthesizerConfig]] = SgdMixConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: spectral saliency mirrored at the edges, σ = 8 (new maps, new masks)
     needs: ClassVar[frozenset[str]] = frozenset({"reference"})
     libs: ClassVar[tuple[str, ...]] = ("torch", "diffusers", "numpy")
 
