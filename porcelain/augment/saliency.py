@@ -123,24 +123,14 @@ def gradcam_maps(
     return out
 
 
-def _gaussian_kernel(sigma: float) -> np.ndarray:
-    radius = max(1, int(np.ceil(3 * sigma)))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 def _blur(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of ``N×H×W`` maps (reflect padding)."""
+    """Separable Gaussian blur of ``N×H×W`` maps (radius ⌈3σ⌉, mirror padding without repeating the edge)."""
     if sigma <= 0:
         return maps
-    k = _gaussian_kernel(sigma)
-    r = len(k) // 2
+    from scipy.ndimage import gaussian_filter1d
+
     for axis in (1, 2):
-        pad = [(0, 0)] * 3
-        pad[axis] = (r, r)
-        p = np.pad(maps, pad, mode="reflect")
-        maps = sum(k[i] * np.take(p, np.arange(i, i + maps.shape[axis]), axis=axis) for i in range(len(k)))
+        maps = gaussian_filter1d(maps, sigma, axis=axis, mode="mirror", truncate=3.0)
     return maps
 
 
