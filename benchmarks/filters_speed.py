@@ -72,8 +72,8 @@ def main() -> None:
         feats = [extract_features(ex, x) for x in (shard, big_train, test)]
         return memorisation_filter(shard, big_train, test, *feats)
 
-    cal = calibrate(big_train, test, extract_features(ex, big_train), extract_features(ex, test))
     bank = extract_features(ex, big_train)
+    cal = calibrate(big_train, test, bank, extract_features(ex, test))
     before = best_of(per_shard_calibration)
     after = best_of(lambda: memorisation_filter(shard, big_train, None, extract_features(ex, shard), bank,
                                                 calibration=cal))

@@ -5,7 +5,7 @@ markdown table (random weights: speed only).
     .venv/bin/python benchmarks/saliency_speed.py [--threads 1] [--images 64]
 
 A second table: how well the Otsu masks of spectral maps cover the object where it is known (dark
-strokes of the digits scans; the vessel of the sample's renders, against its plain backdrop):
+strokes of the digits scans; the vessel of the sample's renders, `sample.vessel_mask`):
 recall (share of the object inside the mask), precision (share of the mask on the object) and the
 object's share of the image (the precision of a mask placed at random).
 
@@ -74,9 +74,7 @@ def known_objects() -> list[tuple[str, np.ndarray, np.ndarray]]:
     digits = load_digits_data(size=32, seed=0).splits["train"][0]
     items = list(sample.plan_sample(300, 0))
     vessels = np.stack([sample.render(it.labels, 32, it.seed) for it in items])
-    backdrop = np.stack([np.array(sample._KILN_BACKDROP[it.labels["kiln"]], float) for it in items])
-    shade = np.linspace(1.08, 0.92, 32)[None, :, None, None]
-    body = np.abs(vessels - backdrop[:, None, None, :] * shade).max(-1) > 40
+    body = np.stack([sample.vessel_mask(it.labels, 32, it.seed) for it in items])
     return [("digits train scans, 32 px", digits, digits[..., 0] < 128), ("sample renders, 32 px", vessels, body)]
 
 

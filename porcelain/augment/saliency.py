@@ -32,7 +32,7 @@ the map covered 6% of the image and 9% of the strokes, mostly a band at the top 
 and SGD-Mix with those masks pasted its sources into barely covered targets (70% of labels
 drifted at S = 0.3). Mirroring makes the image periodic and continuous at its edges; with σ = 8
 the masks cover 58% of the digits' strokes (precision 0.53) and 78% of the sample's vessels
-(precision 0.68; was 24% at 0.41): ``benchmarks/saliency_speed.py``.
+(precision 0.71; was 24% at 0.43): ``benchmarks/saliency_speed.py``.
 """
 
 from __future__ import annotations

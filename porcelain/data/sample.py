@@ -129,6 +129,22 @@ def _draw(rng: np.random.Generator, probs: dict[str, float]) -> str:
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
+def _outline(vtype: str, s: float, rng: np.random.Generator) -> tuple[list[tuple[float, float]], float]:
+    """The vessel's polygon on an ``s`` px canvas and its centre x, from the image's first three draws."""
+    cx = s / 2 + rng.uniform(-0.04, 0.04) * s
+    cy = s / 2 + rng.uniform(-0.03, 0.03) * s
+    return _silhouette(vtype, s, cx, cy, rng.uniform(0.9, 1.08)), cx
+
+
+def vessel_mask(labels: dict[str, str], size: int = 32, seed: int = 0) -> np.ndarray:
+    """Where :func:`render` draws the vessel for these ``(labels, size, seed)``: bool ``size×size``,
+    the pixels its silhouette covers at least half (a known foreground, e.g. to score saliency masks)."""
+    s = size * _SUPERSAMPLE
+    mask = Image.new("L", (s, s), 0)
+    ImageDraw.Draw(mask).polygon(_outline(labels["type"], s, np.random.default_rng(seed))[0], fill=255)
+    return np.asarray(mask.resize((size, size), Image.BOX)) >= 128
+
+
 def _silhouette(vtype: str, s: float, cx: float, cy: float, scale: float) -> list[tuple[float, float]]:
     """Right half-profile of a vessel as (dx, y) points, mirrored into a closed polygon."""
     u = s * scale
@@ -154,10 +170,7 @@ def render(labels: dict[str, str], size: int = 32, seed: int = 0) -> np.ndarray:
     canvas = np.clip(backdrop[None, None, :] * grad * np.ones((s, s, 1)), 0, 255).astype(np.uint8)
     img = Image.fromarray(canvas, "RGB")
 
-    cx = s / 2 + rng.uniform(-0.04, 0.04) * s
-    cy = s / 2 + rng.uniform(-0.03, 0.03) * s
-    scale = rng.uniform(0.9, 1.08)
-    poly = _silhouette(labels["type"], s, cx, cy, scale)
+    poly, cx = _outline(labels["type"], s, rng)
     mask = Image.new("L", (s, s), 0)
     ImageDraw.Draw(mask).polygon(poly, fill=255)
     top = min(p[1] for p in poly)
